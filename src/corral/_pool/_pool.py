@@ -1,0 +1,260 @@
+"""``Pool``: the public face of the supervised worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import multiprocessing
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio.to_thread
+
+from corral._exceptions import PoolNotRunningError, SerializationError
+from corral._pool._refs import reference_of
+from corral._pool._settings import PoolSettings
+from corral._pool._stats import PoolStatistics
+from corral._pool._supervisor import Job, JobFuture, Supervisor
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+"""Stands for "the pool's setting" where ``None`` means something else (no timeout)."""
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_pool_names = itertools.count(1)
+
+
+class Pool:
+    """A supervised pool of worker processes.
+
+    Whatever a job does (block, burn CPU, hang, crash, leak memory) costs that job and its worker,
+    never the pool or the caller.
+
+    Args:
+        settings: A :class:`PoolSettings`; keyword ``options`` override its fields.
+        name: Shown in logs and errors.
+        **options: Any :class:`PoolSettings` field, e.g. ``workers=4, timeout=30``.
+    """
+
+    def __init__(
+        self, settings: PoolSettings | None = None, /, *, name: str | None = None, **options: Any
+    ) -> None:
+        if settings is None:
+            self.settings = PoolSettings(**options)
+        elif options:
+            merged = {**settings.model_dump(exclude_unset=True), **options}
+            self.settings = PoolSettings(**merged)
+        else:
+            self.settings = settings
+        self.name = name or f"corral-pool-{next(_pool_names)}"
+        self._supervisor: Supervisor | None = None
+        self._ids = itertools.count(1)
+        self._references: dict[Callable[..., Any], str] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workers in the background; returns at once. Idempotent."""
+        with self._lock:
+            if self._supervisor is not None:
+                if not self._supervisor.accepting:
+                    raise PoolNotRunningError(
+                        f"pool {self.name!r} was shut down and cannot start again; make a new pool"
+                    )
+                return
+            context = multiprocessing.get_context(self.settings.start_method)
+            self._supervisor = Supervisor(self.settings, context, self.name)
+            self._supervisor.start()
+            _live_pools.add(self)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every worker has started; return whether they all did in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        event = threading.Event()
+        while True:
+            stats = self.statistics()
+            ready = [w for w in stats.workers if w.state in ("idle", "busy")]
+            if len(ready) >= self.settings.workers:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            event.wait(0.01)
+
+    def shutdown(self, wait: bool = True, *, timeout: float | None = None) -> None:
+        """Stop the pool.
+
+        Jobs still waiting for a worker end with :class:`JobCancelledError` at once.
+
+        Args:
+            wait: ``True`` lets running jobs finish, then returns once every worker has exited.
+                ``False`` kills running jobs (they end with :class:`JobCancelledError`) and
+                returns at once; the workers are reaped in the background within milliseconds.
+            timeout: With ``wait=True``, the seconds running jobs may still take; past it they are
+                stopped (SIGTERM, ``kill_grace``, SIGKILL) and end with ``JobCancelledError``.
+        """
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        supervisor.close(wait, timeout)
+        if wait:
+            supervisor.join(None)
+
+    def __enter__(self) -> Pool:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown(wait=True)
+
+    async def __aenter__(self) -> Pool:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, timeout: float | None = None) -> None:
+        """``shutdown(wait=True)`` without blocking the event loop."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        supervisor.close(True, timeout)
+        await anyio.to_thread.run_sync(supervisor.finished.wait)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        fn: Callable[..., Any] | str,
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> JobFuture:
+        """Queue ``fn(*args, **kwargs)`` for a worker; returns at once.
+
+        Args:
+            fn: A module-level function, or its reference ``"package.module:function"``.
+            kwargs: Keyword arguments for ``fn``.
+            timeout: Seconds the job may run; default: the pool's ``timeout``; ``None``: no limit.
+            start_within: Seconds the job may wait for a worker; past it, it is not run and ends
+                with :class:`JobMissedError`.
+            label: Shown in logs and statistics (for example the scheduled task's id).
+
+        Raises:
+            NotImportableError: ``fn`` cannot be imported by reference in a worker.
+            SerializationError: an argument cannot be pickled.
+            QueueFullError: ``queue_size`` jobs are already waiting.
+            PoolNotRunningError: the pool is not started, or is shut down.
+        """
+        supervisor = self._supervisor
+        if supervisor is None:
+            raise PoolNotRunningError(
+                f"pool {self.name!r} is not started; call pool.start() or use "
+                f"'with Pool(...) as pool:'"
+            )
+        reference = self._reference(fn)
+        timeout = self.settings.timeout if timeout is DEFAULT else timeout
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds or None")
+        try:
+            frame = pickle.dumps(
+                (reference, args, {} if kwargs is None else dict(kwargs)),
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
+        except Exception as exc:
+            raise SerializationError(
+                f"the arguments for {reference} cannot be pickled: {type(exc).__name__}: {exc}; "
+                f"pass plain data (numbers, strings, lists, dicts) or picklable objects",
+                stage="arguments",
+            ) from exc
+        job_id = next(self._ids)
+        now = time.monotonic()
+        job = Job(
+            id=job_id,
+            label=label,
+            reference=reference,
+            frame=frame,
+            timeout=timeout,
+            start_by=None if start_within is None else now + start_within,
+            future=JobFuture(job_id, label),
+            submitted_at=now,
+        )
+        supervisor.submit(job)
+        return job.future
+
+    async def run(
+        self,
+        fn: Callable[..., Any] | str,
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        label: str | None = None,
+    ) -> Any:
+        """Run ``fn`` in a worker and return its value; cancelling the caller kills the job."""
+        future = self.submit(fn, *args, kwargs=kwargs, timeout=timeout, label=label)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if self._supervisor is not None and future.running():
+                self._kill(future)
+            raise
+
+    def statistics(self) -> PoolStatistics:
+        """A snapshot of the workers and the counters."""
+        if self._supervisor is None:
+            raise PoolNotRunningError(f"pool {self.name!r} is not started; call pool.start()")
+        return self._supervisor.snapshot()
+
+    def _kill(self, future: JobFuture) -> None:
+        supervisor = self._supervisor
+        assert supervisor is not None
+        supervisor.kill_job(future.job_id)
+
+    def _reference(self, fn: Callable[..., Any] | str) -> str:
+        if isinstance(fn, str):
+            return reference_of(fn)
+        try:
+            return self._references[fn]
+        except (KeyError, TypeError):
+            reference = reference_of(fn)
+        try:
+            self._references[fn] = reference
+        except TypeError:  # unhashable callable
+            pass
+        return reference
+
+
+@atexit.register
+def _shutdown_live_pools() -> None:
+    """At interpreter exit, kill what is left rather than leave workers behind."""
+    for pool in list(_live_pools):
+        pool.shutdown(wait=False)
+        supervisor = pool._supervisor
+        if supervisor is not None:
+            supervisor.finished.wait(5)

@@ -1,0 +1,59 @@
+"""Snapshots of a pool's state, returned by ``Pool.statistics()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+WorkerState = Literal["starting", "idle", "busy", "stopping", "killing"]
+
+
+@dataclass(frozen=True)
+class WorkerStatistics:
+    """One worker at the moment of the snapshot."""
+
+    pid: int
+    state: WorkerState
+    job_id: int | None
+    job_label: str | None
+    running_for: float | None
+    """Seconds the current job has been running, or ``None`` when idle."""
+    rss: int | None
+    """Resident memory in bytes, or ``None`` if it could not be read."""
+    jobs_done: int
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """Counters since the pool started, and every worker's state."""
+
+    workers: tuple[WorkerStatistics, ...]
+    submitted: int
+    completed: int
+    """Jobs that returned a value."""
+    failed: int
+    """Jobs that raised (including results or exceptions that could not be transported)."""
+    timed_out: int
+    crashed: int
+    memory_exceeded: int
+    missed: int
+    cancelled: int
+    recycled: int
+    restarts: int
+    """Workers started to replace one that died, was killed or was recycled."""
+    start_failures: int
+    queued: int
+    running: int
+
+    @property
+    def finished(self) -> int:
+        """Jobs that reached an outcome."""
+        return (
+            self.completed
+            + self.failed
+            + self.timed_out
+            + self.crashed
+            + self.memory_exceeded
+            + self.missed
+            + self.cancelled
+        )

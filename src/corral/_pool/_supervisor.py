@@ -1,0 +1,787 @@
+"""The supervisor: owns one pool's workers, on a thread of its own.
+
+::
+
+    submit() --> incoming --+                          +--> worker process (one job at a time)
+      (any thread)          |   supervisor thread      |      runs it, sends one reply
+                            v                          |
+                wake-up pipe --> selector.select() --> dispatch to an idle worker
+                                  ^   ^   ^              deadline armed here
+            worker pipes ---------+   |   +------ timers: timeouts, kill grace, memory, back-off
+            process sentinels --------+
+                                  |
+                                  v
+              exactly one outcome per job --> JobFuture (value, exception, or a JobError)
+
+Everything below runs on the supervisor thread except ``submit``, ``request`` and ``snapshot``,
+which only touch ``incoming``/``commands`` under the lock, and read plain attributes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import selectors
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import psutil
+
+from corral._exceptions import (
+    CorralError,
+    JobCancelledError,
+    JobError,
+    JobMissedError,
+    JobTimeoutError,
+    MemoryLimitError,
+    PoolNotRunningError,
+    QueueFullError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from corral._pool import _messages as msg
+from corral._pool._settings import PoolSettings
+from corral._pool._stats import PoolStatistics, WorkerState, WorkerStatistics
+from corral._pool._worker import worker_main
+
+logger = logging.getLogger("corral.pool")
+
+_FAILURES_BEFORE_GIVING_UP = 3  # start failures in a row before queued jobs fail
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 10.0
+_WATCH_INTERVAL = 0.2  # how often a worker checks that its parent is alive
+
+
+class JobFuture(Future[Any]):
+    """A :class:`concurrent.futures.Future` that knows its job."""
+
+    def __init__(self, job_id: int, label: str | None) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.label = label
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """A job as the supervisor keeps it, from ``submit`` to its outcome."""
+
+    id: int
+    label: str | None
+    reference: str
+    frame: bytes
+    timeout: float | None
+    start_by: float | None
+    future: JobFuture
+    submitted_at: float
+    running: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    pid: int
+    ps: psutil.Process | None
+    state: WorkerState = "starting"
+    job: Job | None = None
+    job_started: float = 0.0
+    jobs_done: int = 0
+    kill_error: JobError | None = None
+    start_error: str | None = None
+    listening: bool = True  # its pipe is registered with the selector
+
+
+@dataclass
+class _Counters:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+    memory_exceeded: int = 0
+    missed: int = 0
+    cancelled: int = 0
+    recycled: int = 0
+    restarts: int = 0
+    start_failures: int = 0
+    queued: int = 0
+
+
+_KIND_OF_ERROR: dict[type[BaseException], str] = {
+    JobTimeoutError: "timed_out",
+    WorkerDiedError: "crashed",
+    MemoryLimitError: "memory_exceeded",
+    JobMissedError: "missed",
+    JobCancelledError: "cancelled",
+}
+
+
+class Supervisor:
+    """Runs the workers of one pool: dispatch, deadlines, deaths, replacement, shutdown."""
+
+    def __init__(self, settings: PoolSettings, context: BaseContext, name: str) -> None:
+        self.settings = settings
+        self.context = context
+        self.name = name
+        self.counters = _Counters()
+        self.lock = threading.Lock()
+        self.incoming: deque[Job] = deque()
+        self.commands: deque[Callable[[], None]] = deque()
+        self.accepting = True
+        self.finished = threading.Event()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._queue: deque[Job] = deque()
+        self._workers: dict[int, _Worker] = {}
+        self._idle: list[_Worker] = []
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._closing = False
+        self._first_starts_left = settings.workers
+        self._memory_watch_armed = False
+        self._failures_in_row = 0
+        self._next_start_at = 0.0
+        self._top_up_armed = False
+        self._start_error: WorkerStartError | None = None
+        self._groups_to_kill: set[int] = set()
+        self._options = msg.WorkerOptions(
+            initializer=settings.initializer,
+            initargs_bytes=pickle.dumps(settings.initargs),
+            log_level=logging.getLogger().getEffectiveLevel(),
+            parent_pid=os.getpid(),
+            watch_interval=_WATCH_INTERVAL,
+        )
+        self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
+
+    # -- called from any thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; never blocks beyond a lock and a one-byte write."""
+        with self.lock:
+            if not self.accepting:
+                raise PoolNotRunningError(
+                    f"pool {self.name!r} is shut down; it takes no new jobs; make a new pool"
+                )
+            queued = len(self.incoming) + self.counters.queued
+            if queued >= self.settings.queue_size:
+                raise QueueFullError(
+                    f"pool {self.name!r} has {queued} jobs waiting, its queue_size; "
+                    f"wait for jobs to finish, add workers, or raise queue_size",
+                    max_queued=self.settings.queue_size,
+                )
+            self.incoming.append(job)
+            self.counters.submitted += 1
+            self._wake()
+
+    def request(self, command: Callable[[], None]) -> None:
+        """Run ``command`` on the supervisor thread."""
+        with self.lock:
+            if self.finished.is_set():
+                return
+            self.commands.append(command)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the supervisor thread (call with the lock held): at most one byte in flight."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.write(self._wake_w, b"\0")
+
+    def close(self, wait: bool, timeout: float | None) -> None:
+        """Stop taking jobs and wind down (see ``Pool.shutdown``)."""
+        with self.lock:
+            self.accepting = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.request(lambda: self._begin_close(wait, deadline))
+
+    def join(self, timeout: float | None) -> bool:
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def snapshot(self) -> PoolStatistics:
+        now = time.monotonic()
+        workers = []
+        for worker in list(self._workers.values()):
+            job = worker.job
+            workers.append(
+                WorkerStatistics(
+                    pid=worker.pid,
+                    state=worker.state,
+                    job_id=None if job is None else job.id,
+                    job_label=None if job is None else job.label,
+                    running_for=None if job is None else now - worker.job_started,
+                    rss=_rss(worker.ps),
+                    jobs_done=worker.jobs_done,
+                )
+            )
+        c = self.counters
+        return PoolStatistics(
+            workers=tuple(workers),
+            submitted=c.submitted,
+            completed=c.completed,
+            failed=c.failed,
+            timed_out=c.timed_out,
+            crashed=c.crashed,
+            memory_exceeded=c.memory_exceeded,
+            missed=c.missed,
+            cancelled=c.cancelled,
+            recycled=c.recycled,
+            restarts=c.restarts,
+            start_failures=c.start_failures,
+            queued=c.queued + len(self.incoming),
+            running=sum(1 for w in workers if w.job_id is not None),
+        )
+
+    def kill_job(self, job_id: int) -> None:
+        """Kill the worker running job ``job_id``, if one is."""
+
+        def command() -> None:
+            for worker in list(self._workers.values()):
+                job = worker.job
+                if job is not None and job.id == job_id:
+                    error = JobCancelledError(
+                        f"job {job.id} ({job.reference}) was cancelled while running",
+                        job_id=job.id,
+                        started=True,
+                    )
+                    self._kill(worker, error, graceful=True)
+                    return
+
+        self.request(command)
+
+    # -- the supervisor thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._top_up()
+            while not (self._closing and not self._workers):
+                delay = self._fire_timers()
+                for key, _ in self._selector.select(delay):
+                    key.data()
+                self._dispatch()
+        except BaseException:
+            logger.critical("pool %r: supervisor failed; killing its workers", self.name,
+                            exc_info=True)
+            self._abandon()
+        finally:
+            for pgid in self._groups_to_kill:
+                _killpg(pgid, signal.SIGKILL)
+            with self.lock:
+                self.accepting = False
+                self._selector.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self.finished.set()
+
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.lock:
+            self._wake_pending = False
+            jobs = list(self.incoming)
+            self.incoming.clear()
+            commands = list(self.commands)
+            self.commands.clear()
+            self.counters.queued += len(jobs)
+        for job in jobs:
+            if job.start_by is not None:
+                self._at(job.start_by, lambda job=job: self._miss(job))
+        self._queue.extend(jobs)
+        for command in commands:
+            command()
+
+    def _dispatch(self) -> None:
+        if self._start_error is not None and not self._has_ready_worker():
+            while self._queue:
+                job = self._queue.popleft()
+                if not job.done:
+                    self.counters.queued -= 1
+                    self._resolve(job, self._start_error, "failed")
+            return
+        while self._idle and self._queue:
+            job = self._queue.popleft()
+            if job.done:
+                continue
+            self.counters.queued -= 1
+            if not job.running and not job.future.set_running_or_notify_cancel():
+                job.done = True
+                self.counters.cancelled += 1
+                continue
+            job.running = True
+            worker = self._idle.pop()
+            try:
+                worker.conn.send_bytes(job.frame)
+            except OSError:
+                # The worker died; its sentinel will say how. The job never started: requeue it.
+                self._queue.appendleft(job)
+                self.counters.queued += 1
+                worker.state = "killing"
+                continue
+            worker.state = "busy"
+            worker.job = job
+            worker.job_started = now = time.monotonic()
+            if job.timeout is not None:
+                self._at(now + job.timeout, lambda w=worker, j=job: self._on_timeout(w, j))
+            if self.settings.max_memory is not None and not self._memory_watch_armed:
+                self._memory_watch_armed = True
+                self._at(now + self.settings.memory_check_interval, self._check_memory)
+
+    def _on_message(self, worker: _Worker) -> None:
+        try:
+            data = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._selector.unregister(worker.conn)
+            worker.listening = False
+            return
+        message = pickle.loads(data)
+        tag = message[0]
+        if tag == msg.LOG:
+            self._emit_log(worker, message[1])
+        elif tag == msg.OUTPUT:
+            stream = sys.stdout if message[1] == "stdout" else sys.stderr
+            stream.write(message[2])
+            stream.flush()
+        elif tag == msg.READY:
+            self._on_ready(worker)
+        elif tag == msg.INIT_FAILED:
+            worker.start_error = f"its initializer raised:\n{message[1]}"
+        else:
+            self._on_reply(worker, message)
+
+    def _on_ready(self, worker: _Worker) -> None:
+        if worker.state != "starting":
+            return
+        self._failures_in_row = 0
+        self._start_error = None
+        self._next_start_at = 0.0
+        worker.state = "idle"
+        if self._closing:
+            self._stop(worker)
+        else:
+            self._idle.append(worker)
+
+    def _on_reply(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        job = worker.job
+        if job is None:
+            return
+        worker.job = None
+        worker.jobs_done += 1
+        if message[0] == msg.RETURNED:
+            try:
+                value = pickle.loads(message[1])
+            except Exception as exc:
+                error = SerializationError(
+                    f"the result of job {job.id} ({job.reference}) could not be unpickled in the "
+                    f"parent: {type(exc).__name__}: {exc}; return plain data, or make its classes "
+                    f"importable in the parent",
+                    stage="result",
+                )
+                self._resolve(job, error, "failed")
+            else:
+                self._resolve_value(job, value)
+        else:
+            self._resolve(job, _remote_exception(job, *message[1:]), "failed")
+        if worker.state != "busy":
+            return  # being killed: its death finishes it
+        max_jobs = self.settings.max_jobs_per_worker
+        if self._closing:
+            self._stop(worker)
+        elif max_jobs is not None and worker.jobs_done >= max_jobs:
+            self.counters.recycled += 1
+            self._stop(worker)
+            self._top_up()
+        else:
+            worker.state = "idle"
+            self._idle.append(worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        while worker.listening and _poll(worker.conn):
+            self._on_message(worker)  # a reply sent just before the exit still counts
+        if worker.listening:
+            self._selector.unregister(worker.conn)
+        self._selector.unregister(worker.process.sentinel)
+        worker.conn.close()
+        worker.process.join(0)
+        exitcode = worker.process.exitcode
+        if worker.pid not in self._groups_to_kill:
+            _killpg(worker.pid, signal.SIGKILL)  # the job's own children die with it
+        del self._workers[worker.pid]
+        if worker in self._idle:
+            self._idle.remove(worker)
+        was_starting = worker.state == "starting"
+        job, worker.job = worker.job, None
+        if was_starting and not self._closing:
+            cause = worker.start_error or (
+                f"it exited with {_describe_exit(exitcode)} before it was ready"
+            )
+            self._on_start_failure(worker, cause)
+        elif job is not None:
+            error = worker.kill_error or WorkerDiedError(
+                f"worker {worker.pid} died while running job {job.id} ({job.reference}): "
+                f"{_describe_exit(exitcode, in_job=True)}",
+                job_id=job.id,
+                pid=worker.pid,
+                exitcode=exitcode,
+            )
+            self._resolve(job, error, _KIND_OF_ERROR[type(error)])
+        elif worker.state in ("idle", "busy") and not self._closing:
+            logger.warning(
+                "pool %r: idle worker %d died (%s); starting a replacement",
+                self.name, worker.pid, _describe_exit(exitcode),
+            )
+        self._top_up()
+
+    # -- starting workers ---------------------------------------------------------------------
+
+    def _top_up(self) -> None:
+        if self._closing:
+            return
+        live = sum(1 for w in self._workers.values() if w.state in ("starting", "idle", "busy"))
+        while live < self.settings.workers:
+            now = time.monotonic()
+            if now < self._next_start_at:
+                if not self._top_up_armed:
+                    self._top_up_armed = True
+                    self._at(self._next_start_at, self._retry_top_up)
+                return
+            if not self._spawn():
+                return
+            live += 1
+
+    def _retry_top_up(self) -> None:
+        self._top_up_armed = False
+        self._top_up()
+
+    def _spawn(self) -> bool:
+        parent_conn, child_conn = self.context.Pipe(duplex=True)
+        process = self.context.Process(
+            target=worker_main, args=(child_conn, self._options), name=f"{self.name}-worker"
+        )
+        try:
+            process.start()
+        except Exception as exc:
+            parent_conn.close()
+            self._failures_in_row += 1
+            self.counters.start_failures += 1
+            self._back_off(f"the process could not be started: {type(exc).__name__}: {exc}")
+            return False
+        finally:
+            child_conn.close()
+        assert process.pid is not None
+        worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
+        self._workers[worker.pid] = worker
+        self._selector.register(parent_conn, selectors.EVENT_READ, lambda: self._on_message(worker))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(worker))
+        self._at(time.monotonic() + self.settings.start_timeout, lambda: self._start_timed_out(worker))
+        if self._first_starts_left:
+            self._first_starts_left -= 1
+        else:
+            self.counters.restarts += 1
+        return True
+
+    def _start_timed_out(self, worker: _Worker) -> None:
+        if worker.state == "starting" and worker.pid in self._workers:
+            worker.start_error = f"it was not ready within start_timeout={self.settings.start_timeout}s"
+            _killpg(worker.pid, signal.SIGKILL)
+
+    def _on_start_failure(self, worker: _Worker, cause: str) -> None:
+        self._failures_in_row += 1
+        self.counters.start_failures += 1
+        self._back_off(f"worker {worker.pid} failed to start: {cause}")
+
+    def _back_off(self, cause: str) -> None:
+        delay = min(_BACKOFF_FIRST * 2 ** (self._failures_in_row - 1), _BACKOFF_MAX)
+        self._next_start_at = time.monotonic() + delay
+        logger.error(
+            "pool %r: %s (failure %d in a row); next start in %.1fs",
+            self.name, cause.rstrip(), self._failures_in_row, delay,
+        )
+        if self._failures_in_row >= _FAILURES_BEFORE_GIVING_UP:
+            self._start_error = WorkerStartError(
+                f"pool {self.name!r} cannot start workers ({self._failures_in_row} failures in a "
+                f"row); last: {cause.rstrip()}; fix the initializer or the worker's imports",
+                cause=cause,
+            )
+
+    def _has_ready_worker(self) -> bool:
+        return any(w.state in ("idle", "busy") for w in self._workers.values())
+
+    # -- deadlines and killing ----------------------------------------------------------------
+
+    def _at(self, when: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), callback))
+
+    def _fire_timers(self) -> float | None:
+        """Run due timers; return seconds until the next one (``None``: no timer)."""
+        while self._timers:
+            when = self._timers[0][0]
+            now = time.monotonic()
+            if when > now:
+                return when - now
+            heapq.heappop(self._timers)[2]()
+        return None
+
+    def _on_timeout(self, worker: _Worker, job: Job) -> None:
+        if worker.job is not job:
+            return
+        error = JobTimeoutError(
+            f"job {job.id} ({job.reference}) ran past its timeout of {job.timeout}s; "
+            f"worker {worker.pid} was killed and replaced",
+            job_id=job.id,
+            timeout=job.timeout,
+            pid=worker.pid,
+        )
+        self._kill(worker, error, graceful=True)
+
+    def _check_memory(self) -> None:
+        limit = self.settings.max_memory
+        assert limit is not None
+        busy = [w for w in self._workers.values() if w.job is not None and w.state == "busy"]
+        self._memory_watch_armed = bool(busy)
+        if busy:
+            self._at(time.monotonic() + self.settings.memory_check_interval, self._check_memory)
+        for worker in busy:
+            job = worker.job
+            assert job is not None
+            rss = _rss(worker.ps)
+            if rss is not None and rss > limit:
+                error = MemoryLimitError(
+                    f"worker {worker.pid} used {rss} bytes of memory while running job {job.id} "
+                    f"({job.reference}), over max_memory={int(limit)}; it was killed and "
+                    f"replaced; raise max_memory or make the job use less",
+                    job_id=job.id,
+                    pid=worker.pid,
+                    rss=rss,
+                    limit=int(limit),
+                )
+                self._kill(worker, error, graceful=False)
+
+    def _kill(self, worker: _Worker, error: JobError | None, *, graceful: bool) -> None:
+        """Kill ``worker``'s process group; its death resolves its job with ``error``."""
+        if worker.state == "killing":
+            return
+        if worker in self._idle:
+            self._idle.remove(worker)
+        worker.state = "killing"
+        worker.kill_error = error
+        grace = self.settings.kill_grace
+        if graceful and grace > 0:
+            _killpg(worker.pid, signal.SIGTERM)
+            self._groups_to_kill.add(worker.pid)
+            self._at(time.monotonic() + grace, lambda: self._kill_group(worker.pid))
+        else:
+            _killpg(worker.pid, signal.SIGKILL)
+        self._top_up()
+
+    def _kill_group(self, pgid: int) -> None:
+        self._groups_to_kill.discard(pgid)
+        _killpg(pgid, signal.SIGKILL)
+
+    def _stop(self, worker: _Worker) -> None:
+        """Ask an idle worker to exit; kill it if it does not."""
+        worker.state = "stopping"
+        try:
+            worker.conn.send_bytes(msg.STOP)
+        except OSError:
+            return
+        self._at(time.monotonic() + max(self.settings.kill_grace, 5.0),
+                 lambda: self._stop_timed_out(worker))
+
+    def _stop_timed_out(self, worker: _Worker) -> None:
+        if worker.pid in self._workers and self._workers[worker.pid] is worker:
+            _killpg(worker.pid, signal.SIGKILL)
+
+    def _miss(self, job: Job) -> None:
+        if job.running or job.done:
+            return
+        self.counters.queued -= 1
+        waited = time.monotonic() - job.submitted_at
+        error = JobMissedError(
+            f"job {job.id} ({job.reference}) waited {waited:.3f}s for a worker, past its start "
+            f"deadline; it was not run; add workers or allow a longer start deadline",
+            job_id=job.id,
+            waited=waited,
+        )
+        self._resolve(job, error, "missed")
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def _begin_close(self, wait: bool, deadline: float | None) -> None:
+        if self._closing:
+            if not wait:
+                self._cancel_running(graceful=False)
+            return
+        self._closing = True
+        self._on_wake()  # take whatever was submitted before the pool stopped accepting
+        while self._queue:
+            job = self._queue.popleft()
+            if job.done:
+                continue
+            self.counters.queued -= 1
+            error = JobCancelledError(
+                f"job {job.id} ({job.reference}) was cancelled at shutdown before it started",
+                job_id=job.id,
+                started=False,
+            )
+            self._resolve(job, error, "cancelled")
+        for worker in list(self._workers.values()):
+            if worker.state == "idle":
+                self._idle.remove(worker)
+                self._stop(worker)
+            elif worker.state == "starting":
+                self._kill(worker, None, graceful=False)
+        if not wait:
+            self._cancel_running(graceful=False)
+        elif deadline is not None:
+            self._at(deadline, lambda: self._cancel_running(graceful=True))
+
+    def _cancel_running(self, *, graceful: bool) -> None:
+        for worker in list(self._workers.values()):
+            job = worker.job
+            if job is not None:
+                error = JobCancelledError(
+                    f"job {job.id} ({job.reference}) was still running at shutdown and was "
+                    f"killed",
+                    job_id=job.id,
+                    started=True,
+                )
+                self._kill(worker, error, graceful=graceful)
+            elif worker.state == "killing" and not graceful:
+                _killpg(worker.pid, signal.SIGKILL)
+
+    def _abandon(self) -> None:
+        """Last resort after a supervisor bug: kill every worker, fail every job."""
+        self._closing = True
+        with self.lock:
+            self.accepting = False
+            self._queue.extend(self.incoming)
+            self.incoming.clear()
+        error_text = "the pool's supervisor failed; see the log for its traceback"
+        for worker in list(self._workers.values()):
+            _killpg(worker.pid, signal.SIGKILL)
+            if worker.job is not None and not worker.job.done:
+                self._resolve(worker.job, CorralError(error_text), "failed")
+            worker.process.join(1)
+        for job in self._queue:
+            if not job.done:
+                self._resolve(job, CorralError(error_text), "failed")
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def _resolve_value(self, job: Job, value: Any) -> None:
+        job.done = True
+        self.counters.completed += 1
+        if job.running or job.future.set_running_or_notify_cancel():
+            job.future.set_result(value)
+
+    def _resolve(self, job: Job, error: BaseException, kind: str) -> None:
+        job.done = True
+        setattr(self.counters, kind, getattr(self.counters, kind) + 1)
+        if job.running or job.future.set_running_or_notify_cancel():
+            job.future.set_exception(error)
+
+    def _emit_log(self, worker: _Worker, fields: dict[str, Any]) -> None:
+        record = logging.makeLogRecord(fields)
+        job = worker.job
+        record.corral_job_id = None if job is None else job.id
+        record.corral_job_label = None if job is None else job.label
+        record.corral_worker_pid = worker.pid
+        target = logging.getLogger(record.name)
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
+
+
+def _remote_exception(
+    job: Job, exc_bytes: bytes | None, type_name: str, message: str, text: str
+) -> BaseException:
+    error: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            error = pickle.loads(exc_bytes)
+        except Exception:  # noqa: BLE001 - reported as a RemoteError below
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(
+            f"job {job.id} ({job.reference}) raised {type_name}: {message} (the exception could "
+            f"not be sent to the parent as itself; its traceback is kept)",
+            type_name=type_name,
+            traceback=text,
+        )
+    error.__cause__ = RemoteTraceback(text)
+    return error
+
+
+def _describe_exit(exitcode: int | None, *, in_job: bool = False) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode >= 0:
+        return f"exit code {exitcode}" + (" (os._exit or a native exit in the job)" if in_job else "")
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    hints = {
+        "SIGKILL": "killed by another process, or by the kernel's out-of-memory killer",
+        "SIGSEGV": "a segmentation fault in native code",
+        "SIGABRT": "an abort in native code",
+        "SIGTERM": "terminated by another process",
+        "SIGBUS": "a bus error in native code",
+    }
+    hint = hints.get(name)
+    return f"killed by {name}" + (f" ({hint})" if hint else "")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _poll(conn: Connection) -> bool:
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return False
+
+
+def _psutil_process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _rss(process: psutil.Process | None) -> int | None:
+    if process is None:
+        return None
+    try:
+        return int(process.memory_info().rss)
+    except psutil.Error:
+        return None

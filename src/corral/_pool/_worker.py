@@ -1,0 +1,241 @@
+"""The worker process: run one job at a time, report exactly one message per job.
+
+The worker imports only the standard library and this package's pool modules; a job's own imports
+are its business. It leads its own process group so that the supervisor can kill it together with
+any child processes a job starts, and it kills that group itself if its parent disappears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from corral._exceptions import SerializationError
+from corral._pool import _messages as msg
+from corral._pool._refs import resolve
+
+
+class _Channel:
+    """The worker's end of the pipe; sends from any thread of the job are serialised."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+class _ChannelHandler(logging.Handler):
+    """Sends log records to the parent, where they are handled by the logger of the same name."""
+
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.send((msg.LOG, _portable_record(record)))
+        except Exception:
+            self.handleError(record)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _portable_record(record: logging.LogRecord) -> dict[str, Any]:
+    fields = dict(record.__dict__)
+    fields["msg"] = record.getMessage()
+    fields["args"] = None
+    if record.exc_info:
+        fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+    fields["exc_info"] = None
+    # Extra attributes can be anything; the parent must be able to unpickle what it receives.
+    for key, value in fields.items():
+        if not isinstance(value, _PLAIN):
+            fields[key] = repr(value)
+    return fields
+
+
+class _ChannelWriter(io.TextIOBase):
+    """Replaces ``sys.stdout``/``sys.stderr``: forwards whole lines to the parent."""
+
+    def __init__(self, channel: _Channel, name: str) -> None:
+        self.channel = channel
+        self.stream_name = name
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            head, _, self.pending = self.pending.rpartition("\n")
+            self.channel.send((msg.OUTPUT, self.stream_name, head + "\n"))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            text, self.pending = self.pending, ""
+            self.channel.send((msg.OUTPUT, self.stream_name, text))
+
+
+def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
+    """Entry point of a worker process."""
+    os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(options.parent_pid, options.watch_interval)
+    channel = _Channel(conn)
+    streams = _capture_output(channel)
+    _capture_logging(channel, options.log_level)
+    try:
+        if options.initializer is not None:
+            initargs = pickle.loads(options.initargs_bytes)
+            resolve(options.initializer)(*initargs)
+    except BaseException:
+        channel.send((msg.INIT_FAILED, traceback.format_exc()))
+        _flush(streams)
+        os._exit(3)
+    channel.send((msg.READY, os.getpid()))
+    runner: asyncio.Runner | None = None
+    while True:
+        try:
+            frame = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if frame == msg.STOP:
+            break
+        reply, runner = _run_job(frame, runner)
+        _flush(streams)
+        channel.send(reply)
+    _flush(streams)
+    if runner is not None:
+        runner.close()
+    os._exit(0)
+
+
+def _run_job(
+    frame: bytes, runner: asyncio.Runner | None
+) -> tuple[tuple[Any, ...], asyncio.Runner | None]:
+    try:
+        try:
+            reference, args, kwargs = pickle.loads(frame)
+        except Exception as exc:
+            raise SerializationError(
+                f"the worker could not unpickle the job's arguments: {type(exc).__name__}: {exc}; "
+                f"pass arguments whose classes the worker can import",
+                stage="arguments",
+            ) from exc
+        fn = resolve(reference)
+        if inspect.iscoroutinefunction(fn):
+            runner = runner or asyncio.Runner()
+            value = runner.run(fn(*args, **kwargs))
+        else:
+            value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):
+                runner = runner or asyncio.Runner()
+                value = runner.run(_await(value))
+    except BaseException as exc:  # noqa: BLE001 - a job's SystemExit is its outcome, not ours
+        return _raised(exc), runner
+    try:
+        return (msg.RETURNED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)), runner
+    except BaseException as exc:  # noqa: BLE001
+        error = SerializationError(
+            f"the job's result {_short_repr(value)} could not be pickled: "
+            f"{type(exc).__name__}: {exc}; return plain data (numbers, strings, lists, dicts, "
+            f"dataclasses of them) instead",
+            stage="result",
+        )
+        return _raised(error), runner
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _raised(exc: BaseException) -> tuple[Any, ...]:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - reported below as a RemoteError
+        exc_bytes = None
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: BLE001
+        message = "<str() of the exception failed>"
+    return (msg.RAISED, exc_bytes, _type_name(exc), message, text)
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except BaseException:  # noqa: BLE001
+        text = f"<{type(value).__qualname__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _capture_output(channel: _Channel) -> tuple[_ChannelWriter, _ChannelWriter]:
+    out, err = _ChannelWriter(channel, "stdout"), _ChannelWriter(channel, "stderr")
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    return out, err
+
+
+def _flush(streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
+    for stream in streams:
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - the channel is gone; nothing left to tell
+            pass
+
+
+def _capture_logging(channel: _Channel, level: int) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ChannelHandler(channel))
+    root.setLevel(level)
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    """Kill this worker's whole process group as soon as the process that started it is gone.
+
+    ``os.getppid()`` changes when the parent dies (the worker is re-parented), which a thread
+    notices even while the job keeps the main thread busy in a CPU loop.
+    """
+    original = os.getppid()
+
+    def watch() -> None:
+        event = threading.Event()
+        while not event.wait(interval):
+            if os.getppid() != original or not _alive(parent_pid):
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="corral-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,190 @@
+"""Job functions that tests send to worker processes (importable by reference)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger("tests.jobs")
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def noop() -> None:
+    return None
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b
+
+
+def returns_coroutine(a: int) -> Any:
+    return async_add(a, 1)
+
+
+class JobFailure(Exception):
+    pass
+
+
+def fail(message: str) -> NoReturn:
+    raise JobFailure(message)
+
+
+def exit_with(code: int) -> NoReturn:
+    sys.exit(code)
+
+
+def hard_exit(code: int) -> NoReturn:
+    os._exit(code)
+
+
+def kill_self(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(30)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def spin(seconds: float) -> int:
+    """Busy CPU loop for ``seconds``."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def ignore_sigterm_and_hang(ready_file: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready_file).write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+
+def spawn_child_and_hang(pid_file: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(pid_file).write_text(str(child.pid))
+    while True:
+        time.sleep(0.05)
+
+
+def write_pid_and_hang(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+
+def write_pid_and_spin(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def grow_memory(megabytes: int) -> int:
+    chunks = []
+    for _ in range(megabytes):
+        chunks.append(bytearray(1024 * 1024))
+        time.sleep(0.002)
+    time.sleep(30)
+    return len(chunks)
+
+
+def log_and_print(message: str) -> str:
+    log.warning("job says %s", message)
+    print(f"stdout: {message}")
+    print(f"stderr: {message}", file=sys.stderr)
+    sys.stdout.write("partial line without newline")
+    return message
+
+
+def log_exception() -> None:
+    try:
+        raise ValueError("inside")
+    except ValueError:
+        log.exception("caught it")
+
+
+def print_garbage() -> str:
+    sys.stdout.write("\x00\xff" * 1000 + "\n")
+    os.write(1, b"raw bytes on fd 1\n")
+    return "ok"
+
+
+def return_unpicklable() -> Any:
+    return lambda: None
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("cannot travel")
+        self.lock = __import__("threading").Lock()
+
+
+def raise_unpicklable() -> NoReturn:
+    raise UnpicklableError()
+
+
+class LocalOnly:
+    """Pickles, but unpickling raises in whichever process loads it."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def _refuse() -> NoReturn:
+    raise RuntimeError("this object refuses to be unpickled")
+
+
+def return_unloadable() -> Any:
+    return LocalOnly()
+
+
+class BadUnpickleError(Exception):
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def raise_unloadable() -> NoReturn:
+    raise BadUnpickleError("its class cannot be rebuilt in the parent")
+
+
+def takes(value: Any) -> str:
+    return type(value).__name__
+
+
+def initializer_sets(value: str) -> None:
+    os.environ["CORRAL_TEST_INIT"] = value
+
+
+def read_init() -> str | None:
+    return os.environ.get("CORRAL_TEST_INIT")
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer cannot connect")
