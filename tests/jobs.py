@@ -188,3 +188,53 @@ def read_init() -> str | None:
 
 def failing_initializer() -> None:
     raise RuntimeError("initializer cannot connect")
+
+
+# -- the crash matrix: a fault, acted out where a test places it ---------------------------------
+
+
+def act(how: str) -> Any:
+    """Fail in the way ``how`` names, in whichever process runs this."""
+    if how == "exception":
+        raise JobFailure("failed on purpose")
+    if how == "sys.exit":
+        sys.exit(5)
+    if how == "os._exit":
+        os._exit(5)
+    if how == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    if how == "hang":
+        while True:
+            time.sleep(0.05)
+    raise AssertionError(f"unknown fault {how!r}")
+
+
+class FaultOnLoad:
+    """Pickles fine; acts out its fault when unpickled."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self) -> Any:
+        return (act, (self.how,))
+
+
+class FaultOnDump:
+    """Acts out its fault when pickled."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self) -> Any:
+        act(self.how)
+        raise AssertionError("unreachable")
+
+
+def return_fault_on_dump(how: str) -> FaultOnDump:
+    return FaultOnDump(how)
+
+
+def return_fault_on_load(how: str) -> FaultOnLoad:
+    return FaultOnLoad(how)

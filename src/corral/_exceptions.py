@@ -27,9 +27,7 @@ class CorralError(Exception):
 
 
 def _rebuild(cls: type[CorralError], message: str, details: dict[str, Any]) -> CorralError:
-    error = cls.__new__(cls)
-    CorralError.__init__(error, message, **details)
-    return error
+    return cls(message, **details)
 
 
 class ConfigurationError(CorralError, ValueError):
@@ -85,7 +83,7 @@ class WorkerDiedError(JobError):
     exitcode: int | None
 
 
-class MemoryLimitError(JobError, MemoryError):
+class MemoryLimitError(JobError):
     """The worker's memory passed the limit while running the job; it was killed."""
 
     pid: int

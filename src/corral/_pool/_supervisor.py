@@ -222,7 +222,6 @@ class Supervisor:
         return not self._thread.is_alive()
 
     def snapshot(self) -> PoolStatistics:
-        now = time.monotonic()
         workers = []
         for worker in list(self._workers.values()):
             job = worker.job
@@ -232,7 +231,7 @@ class Supervisor:
                     state=worker.state,
                     job_id=None if job is None else job.id,
                     job_label=None if job is None else job.label,
-                    running_for=None if job is None else now - worker.job_started,
+                    running_for=None if job is None else time.monotonic() - worker.job_started,
                     rss=_rss(worker.ps),
                     jobs_done=worker.jobs_done,
                 )
@@ -343,9 +342,9 @@ class Supervisor:
                 self.counters.queued += 1
                 worker.state = "killing"
                 continue
+            worker.job_started = now = time.monotonic()
             worker.state = "busy"
             worker.job = job
-            worker.job_started = now = time.monotonic()
             if job.timeout is not None:
                 self._at(now + job.timeout, lambda w=worker, j=job: self._on_timeout(w, j))
             if self.settings.max_memory is not None and not self._memory_watch_armed:
@@ -353,6 +352,8 @@ class Supervisor:
                 self._at(now + self.settings.memory_check_interval, self._check_memory)
 
     def _on_message(self, worker: _Worker) -> None:
+        if not worker.listening:
+            return  # closed by _on_exit earlier in the same batch of events
         try:
             data = worker.conn.recv_bytes()
         except (EOFError, OSError):
@@ -425,6 +426,7 @@ class Supervisor:
             self._on_message(worker)  # a reply sent just before the exit still counts
         if worker.listening:
             self._selector.unregister(worker.conn)
+            worker.listening = False
         self._selector.unregister(worker.process.sentinel)
         worker.conn.close()
         worker.process.join(0)
@@ -758,10 +760,14 @@ def _describe_exit(exitcode: int | None, *, in_job: bool = False) -> str:
 
 
 def _killpg(pgid: int, sig: int) -> None:
+    """Signal a worker's process group, or the worker alone if it has not made its group yet."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        pass
+        try:
+            os.kill(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _poll(conn: Connection) -> bool:

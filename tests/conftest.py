@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from corral import Pool
+
+START_METHODS = ["forkserver", "spawn"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Return ``predicate()``'s first truthy value; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
+        pause.wait(0.01)
+
+
+def assert_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Every process in ``pids`` has exited and been reaped within ``timeout``."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    # wait_procs reaps only our own children; a zombie of another parent still counts as left over
+    left = [p for p in alive if p.is_running()]
+    assert not left, f"processes still alive: {[(p.pid, p.status()) for p in left]}"
+
+
+def busy_pids(pool: Pool) -> list[int]:
+    return [w.pid for w in pool.statistics().workers if w.state == "busy"]
+
+
+def worker_pids(pool: Pool) -> list[int]:
+    return [w.pid for w in pool.statistics().workers]
+
+
+PoolFactory = Callable[..., Pool]
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_pool(start_method: str) -> Iterator[PoolFactory]:
+    """Make started pools with test-friendly defaults; shut them down and check for leftovers."""
+    pools: list[Pool] = []
+    seen: set[int] = set()
+
+    def make(**options: Any) -> Pool:
+        options.setdefault("workers", 2)
+        options.setdefault("kill_grace", 0.5)
+        options.setdefault("start_method", start_method)
+        pool = Pool(**options)
+        pool.start()
+        assert pool.wait_ready(30), "workers did not start"
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        seen.update(worker_pids(pool))
+        pool.shutdown(wait=True, timeout=5)
+        seen.update(worker_pids(pool))
+    assert_gone(sorted(seen))
+
+
+@pytest.fixture
+def pool(make_pool: PoolFactory) -> Pool:
+    return make_pool()
