@@ -429,13 +429,23 @@ class Supervisor:
             worker.listening = False
         self._selector.unregister(worker.process.sentinel)
         worker.conn.close()
+        if worker in self._idle:
+            self._idle.remove(worker)
+        self._reap(worker, time.monotonic())
+
+    def _reap(self, worker: _Worker, since: float) -> None:
+        # The sentinel can fire a moment before the process is reapable, or (if a job closed
+        # inherited descriptors) while it still runs: retry shortly, and kill it if it lingers.
         worker.process.join(0)
         exitcode = worker.process.exitcode
+        if exitcode is None:
+            if time.monotonic() - since > 1.0:
+                _killpg(worker.pid, signal.SIGKILL)
+            self._at(time.monotonic() + 0.005, lambda: self._reap(worker, since))
+            return
         if worker.pid not in self._groups_to_kill:
             _killpg(worker.pid, signal.SIGKILL)  # the job's own children die with it
         del self._workers[worker.pid]
-        if worker in self._idle:
-            self._idle.remove(worker)
         was_starting = worker.state == "starting"
         job, worker.job = worker.job, None
         if was_starting and not self._closing:

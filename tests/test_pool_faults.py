@@ -1,0 +1,255 @@
+"""What a job can do wrong, and what the pool does about it: one job fails, the pool goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jobs
+import psutil
+import pytest
+from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
+
+from corral import (
+    JobTimeoutError,
+    MemoryLimitError,
+    Pool,
+    RemoteError,
+    SerializationError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+
+HOWS = ["exception", "sys.exit", "os._exit", "SIGKILL", "segfault", "hang"]
+DIED = {
+    "os._exit": "exit code 5",
+    "SIGKILL": "killed by SIGKILL",
+    "segfault": "killed by SIGSEGV",
+}
+
+
+def _expected(where: str, how: str) -> tuple[type[BaseException], str]:
+    if how in DIED:
+        return WorkerDiedError, DIED[how]
+    if how == "hang":
+        return JobTimeoutError, "ran past its timeout"
+    if where == "run":
+        return (jobs.JobFailure, "failed on purpose") if how == "exception" else (SystemExit, "5")
+    if where == "unpickle-call":
+        if how == "exception":
+            return SerializationError, "could not unpickle the job's arguments"
+        return SystemExit, "5"
+    assert where == "pickle-result"
+    return SerializationError, "could not be pickled"
+
+
+def _submit(pool: Pool, where: str, how: str) -> Any:
+    if where == "run":
+        return pool.submit(jobs.act, how, timeout=1)
+    if where == "unpickle-call":
+        return pool.submit(jobs.takes, jobs.FaultOnLoad(how), timeout=1)
+    assert where == "pickle-result"
+    return pool.submit(jobs.return_fault_on_dump, how, timeout=1)
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("where", ["unpickle-call", "run", "pickle-result"])
+def test_crash_matrix_in_the_worker(make_pool: PoolFactory, where: str, how: str) -> None:
+    pool = make_pool(workers=1, kill_grace=0.2)
+    before = worker_pids(pool)
+    error_type, text = _expected(where, how)
+    with pytest.raises(error_type, match=text) as caught:
+        _submit(pool, where, how).result(20)
+    if error_type is WorkerDiedError:
+        assert caught.value.pid == before[0]  # type: ignore[attr-defined]
+        assert str(before[0]) in str(caught.value)
+    # Exactly one outcome, counted once, and the pool runs the next job.
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+    stats = pool.statistics()
+    assert stats.submitted == 2 and stats.finished == 2 and stats.completed == 1
+    if error_type in (WorkerDiedError, JobTimeoutError):
+        assert worker_pids(pool) != before and stats.restarts == 1
+
+
+def test_pickling_the_call_fails_at_submit(pool: Pool) -> None:
+    with pytest.raises(SerializationError, match="cannot be pickled") as caught:
+        pool.submit(jobs.takes, jobs.FaultOnDump("exception"))
+    assert isinstance(caught.value.__cause__, jobs.JobFailure)
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_a_result_that_cannot_be_unpickled_in_the_parent(pool: Pool) -> None:
+    with pytest.raises(SerializationError, match="could not be unpickled in the parent") as caught:
+        pool.submit(jobs.return_unloadable).result(20)
+    assert caught.value.stage == "result"
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_an_unpicklable_result_is_a_clear_error(pool: Pool) -> None:
+    with pytest.raises(SerializationError, match="could not be pickled") as caught:
+        pool.submit(jobs.return_unpicklable).result(20)
+    assert "return plain data" in str(caught.value)
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+@pytest.mark.parametrize(
+    "fn", [jobs.raise_unpicklable, jobs.raise_unloadable], ids=["unpicklable", "unloadable"]
+)
+def test_an_exception_that_cannot_travel_keeps_its_name_message_and_traceback(
+    pool: Pool, fn: Any
+) -> None:
+    with pytest.raises(RemoteError) as caught:
+        pool.submit(fn).result(20)
+    error = caught.value
+    assert error.type_name.startswith("jobs.")
+    assert fn.__name__ in error.traceback
+    assert "could not be sent to the parent" in str(error)
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_a_death_costs_one_job_and_other_workers_jobs_complete(make_pool: PoolFactory) -> None:
+    pool = make_pool(workers=2)
+    slow = pool.submit(jobs.sleep, 1.0)
+    wait_until(lambda: busy_pids(pool), what="the slow job to start")
+    with pytest.raises(WorkerDiedError, match="SIGSEGV"):
+        pool.submit(jobs.segfault).result(20)
+    assert slow.result(20) == 1.0
+    stats = pool.statistics()
+    assert (stats.completed, stats.crashed) == (1, 1)
+
+
+def test_an_idle_worker_that_dies_is_replaced(pool: Pool) -> None:
+    victim = worker_pids(pool)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: victim not in worker_pids(pool) and pool.wait_ready(0),
+        what="a replacement worker",
+    )
+    assert pool.statistics().restarts == 1
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_a_timeout_kills_a_job_that_ignores_sigterm_and_its_children(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1, kill_grace=0.3)
+    pid_file = tmp_path / "child.pid"
+    future = pool.submit(jobs.spawn_child_and_hang, str(pid_file), timeout=0.5)
+    child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    with pytest.raises(JobTimeoutError, match="timeout of 0.5s") as caught:
+        future.result(20)
+    assert caught.value.timeout == 0.5
+    assert_gone([caught.value.pid, child])
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_sigterm_is_ignored_so_sigkill_follows_after_the_grace(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1, kill_grace=0.3)
+    ready = tmp_path / "ready"
+    future = pool.submit(jobs.ignore_sigterm_and_hang, str(ready), timeout=0.3)
+    with pytest.raises(JobTimeoutError) as caught:
+        future.result(20)
+    assert ready.exists()
+    assert_gone([caught.value.pid])
+    assert pool.statistics().timed_out == 1
+
+
+def test_memory_limit_kills_a_growing_job_while_it_runs(make_pool: PoolFactory) -> None:
+    pool = make_pool(workers=1, max_memory="80MiB", memory_check_interval=0.05)
+    with pytest.raises(MemoryLimitError, match="over max_memory") as caught:
+        pool.submit(jobs.grow_memory, 400, timeout=60).result(30)
+    assert caught.value.rss > caught.value.limit == 80 * 1024 * 1024
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+    assert pool.statistics().memory_exceeded == 1
+
+
+def test_workers_are_recycled_after_max_jobs(make_pool: PoolFactory) -> None:
+    pool = make_pool(workers=1, max_jobs_per_worker=2)
+    pids = [pool.submit(jobs.pid).result(20) for _ in range(6)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+    assert len(set(pids)) == 3
+    wait_until(lambda: pool.statistics().recycled == 3)
+    assert_gone(pids[:4])
+
+
+def test_a_restart_storm_backs_off_and_fails_jobs_clearly(
+    make_pool: PoolFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = Pool(workers=2, initializer=jobs.failing_initializer, start_method="forkserver")
+    pool.start()
+    try:
+        future = pool.submit(jobs.add, 1, 2)
+        with pytest.raises(WorkerStartError, match="cannot start workers") as caught:
+            future.result(30)
+        assert "initializer cannot connect" in caught.value.cause
+        failures = pool.statistics().start_failures
+        # Back-off, not a spin: a handful of attempts, each logged with the cause.
+        assert 3 <= failures <= 6
+        logged = [r.getMessage() for r in caplog.records if r.name == "corral.pool"]
+        assert any("initializer cannot connect" in m and "next start in" in m for m in logged)
+        # Jobs submitted while no worker can start fail at once instead of waiting forever.
+        with pytest.raises(WorkerStartError):
+            pool.submit(jobs.add, 1, 2).result(30)
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_shutdown_drains_then_kills_at_the_deadline(make_pool: PoolFactory) -> None:
+    pool = make_pool(workers=2, kill_grace=0.2)
+    quick = pool.submit(jobs.sleep, 0.2)
+    stuck = pool.submit(jobs.sleep, 60)
+    wait_until(lambda: len(busy_pids(pool)) == 2)
+    pids = worker_pids(pool)
+    pool.shutdown(wait=True, timeout=0.5)
+    assert quick.result(0) == 0.2
+    with pytest.raises(Exception, match="still running at shutdown") as caught:
+        stuck.result(0)
+    assert caught.value.started is True  # type: ignore[attr-defined]
+    assert_gone(pids)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import jobs
+    from corral import Pool
+
+    if __name__ == "__main__":
+        pool = Pool(workers=3, start_method={method!r})
+        pool.start()
+        pool.submit(jobs.write_pid_and_spin, {d!r} + "/spin")
+        pool.submit(jobs.write_pid_and_hang, {d!r} + "/sleep")
+        pool.submit(jobs.ignore_sigterm_and_hang, {d!r} + "/ignore")
+        print("started", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        PARENT_SCRIPT.format(
+            tests=str(Path(__file__).parent), method=start_method, d=str(tmp_path)
+        )
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL)
+    try:
+        files = [tmp_path / name for name in ("spin", "sleep", "ignore")]
+        wait_until(lambda: all(f.exists() and f.read_text() for f in files), timeout=30)
+        pids = [int(f.read_text()) for f in files]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        parent.kill()
+        parent.wait(10)
+        assert_gone(pids, timeout=3)
+    finally:
+        parent.kill()
+        parent.wait(10)
