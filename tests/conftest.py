@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +31,8 @@ def assert_gone(pids: list[int], timeout: float = 5.0) -> None:
     """Every process in ``pids`` has exited and been reaped within ``timeout``."""
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     # wait_procs reaps only our own children; a zombie of another parent still counts as left over
     left = [p for p in alive if p.is_running()]

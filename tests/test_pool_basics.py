@@ -9,11 +9,11 @@ import types
 from concurrent.futures import Future
 from typing import Any
 
-import jobs
 import pytest
-from conftest import PoolFactory, busy_pids, wait_until
 
 import corral
+import jobs
+from conftest import PoolFactory, busy_pids, wait_until
 from corral import (
     JobCancelledError,
     JobMissedError,
@@ -55,7 +55,8 @@ def test_exception_keeps_type_message_and_remote_traceback(pool: Pool) -> None:
         future.result(10)
     cause = caught.value.__cause__
     assert isinstance(cause, RemoteTraceback)
-    assert "jobs.py" in cause.text and "in fail" in cause.text
+    assert "jobs.py" in cause.text
+    assert "in fail" in cause.text
     assert "disk full" in cause.text
 
 
@@ -83,7 +84,7 @@ class Holder:
 @pytest.mark.parametrize(
     ("make_fn", "expected"),
     [
-        (lambda: (lambda: None), "is a lambda"),
+        (lambda: lambda: None, "is a lambda"),
         (lambda: _closure(), "defined inside another function"),
         (lambda: Holder().method, "bound method"),
         (lambda: 42, "has no importable name"),
@@ -162,8 +163,8 @@ def test_supervision_goes_on_while_the_callers_event_loop_is_blocked(
 
 
 def test_run_awaits_the_value(pool: Pool) -> None:
-    async def main() -> tuple[int, int]:
-        return await asyncio.gather(pool.run(jobs.add, 1, 2), pool.run(jobs.async_add, 3, 4))
+    async def main() -> list[int]:
+        return list(await asyncio.gather(pool.run(jobs.add, 1, 2), pool.run(jobs.async_add, 3, 4)))
 
     assert asyncio.run(main()) == [3, 7]
 
@@ -245,9 +246,12 @@ def test_statistics_show_the_running_job(make_pool: PoolFactory) -> None:
     (busy,) = [w for w in stats.workers if w.state == "busy"]
     assert busy.job_id == future.job_id
     assert busy.job_label == "nightly-report"
-    assert busy.running_for is not None and busy.running_for >= 0
-    assert busy.rss is not None and busy.rss > 1_000_000
-    assert stats.submitted == 1 and stats.finished == 0
+    assert busy.running_for is not None
+    assert busy.running_for >= 0
+    assert busy.rss is not None
+    assert busy.rss > 1_000_000
+    assert stats.submitted == 1
+    assert stats.finished == 0
     pool.shutdown(wait=False)
     with pytest.raises(JobCancelledError):
         future.result(10)
@@ -273,7 +277,8 @@ def test_logged_exceptions_keep_their_traceback(
     caplog.set_level(logging.INFO)
     pool.submit(jobs.log_exception).result(10)
     (record,) = [r for r in caplog.records if r.name == "tests.jobs"]
-    assert record.exc_text is not None and "ValueError: inside" in record.exc_text
+    assert record.exc_text is not None
+    assert "ValueError: inside" in record.exc_text
 
 
 def test_stdout_and_stderr_of_jobs_reach_the_parent(
@@ -320,7 +325,7 @@ def test_settings_are_validated_with_clear_errors() -> None:
         Pool(worker_count=2)
     with pytest.raises(ValueError, match="max_memory"):
         Pool(max_memory="lots")
-    with pytest.raises(ValueError, match="(?s)initializer.*is a lambda"):
+    with pytest.raises(ValueError, match=r"(?s)initializer.*is a lambda"):
         Pool(initializer=lambda: None)
     assert Pool(max_memory="512MiB").settings.max_memory == 512 * 1024 * 1024
 

@@ -10,11 +10,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import jobs
 import psutil
 import pytest
-from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 
+import jobs
+from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 from corral import (
     JobTimeoutError,
     MemoryLimitError,
@@ -71,9 +71,12 @@ def test_crash_matrix_in_the_worker(make_pool: PoolFactory, where: str, how: str
     # Exactly one outcome, counted once, and the pool runs the next job.
     assert pool.submit(jobs.add, 1, 2).result(20) == 3
     stats = pool.statistics()
-    assert stats.submitted == 2 and stats.finished == 2 and stats.completed == 1
+    assert stats.submitted == 2
+    assert stats.finished == 2
+    assert stats.completed == 1
     if error_type in (WorkerDiedError, JobTimeoutError):
-        assert worker_pids(pool) != before and stats.restarts == 1
+        assert worker_pids(pool) != before
+        assert stats.restarts == 1
 
 
 def test_pickling_the_call_fails_at_submit(pool: Pool) -> None:
@@ -141,7 +144,7 @@ def test_a_timeout_kills_a_job_that_ignores_sigterm_and_its_children(
     pid_file = tmp_path / "child.pid"
     future = pool.submit(jobs.spawn_child_and_hang, str(pid_file), timeout=0.5)
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
-    with pytest.raises(JobTimeoutError, match="timeout of 0.5s") as caught:
+    with pytest.raises(JobTimeoutError, match=r"timeout of 0\.5s") as caught:
         future.result(20)
     assert caught.value.timeout == 0.5
     assert_gone([caught.value.pid, child])
@@ -237,9 +240,7 @@ PARENT_SCRIPT = textwrap.dedent(
 def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
-        PARENT_SCRIPT.format(
-            tests=str(Path(__file__).parent), method=start_method, d=str(tmp_path)
-        )
+        PARENT_SCRIPT.format(tests=str(Path(__file__).parent), method=start_method, d=str(tmp_path))
     )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import multiprocessing
 import pickle
@@ -74,7 +75,11 @@ class Pool:
                         f"pool {self.name!r} was shut down and cannot start again; make a new pool"
                     )
                 return
-            context = multiprocessing.get_context(self.settings.start_method)
+            context = (
+                multiprocessing.get_context("spawn")
+                if self.settings.start_method == "spawn"
+                else multiprocessing.get_context("forkserver")
+            )
             self._supervisor = Supervisor(self.settings, context, self.name)
             self._supervisor.start()
             _live_pools.add(self)
@@ -243,10 +248,8 @@ class Pool:
             return self._references[fn]
         except (KeyError, TypeError):
             reference = reference_of(fn)
-        try:
+        with contextlib.suppress(TypeError):  # an unhashable callable is not cached
             self._references[fn] = reference
-        except TypeError:  # unhashable callable
-            pass
         return reference
 
 

@@ -19,6 +19,8 @@ which only touch ``incoming``/``commands`` under the lock, and read plain attrib
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -135,7 +137,9 @@ _KIND_OF_ERROR: dict[type[BaseException], str] = {
 class Supervisor:
     """Runs the workers of one pool: dispatch, deadlines, deaths, replacement, shutdown."""
 
-    def __init__(self, settings: PoolSettings, context: BaseContext, name: str) -> None:
+    def __init__(
+        self, settings: PoolSettings, context: ForkServerContext | SpawnContext, name: str
+    ) -> None:
         self.settings = settings
         self.context = context
         self.name = name
@@ -282,8 +286,9 @@ class Supervisor:
                     key.data()
                 self._dispatch()
         except BaseException:
-            logger.critical("pool %r: supervisor failed; killing its workers", self.name,
-                            exc_info=True)
+            logger.critical(
+                "pool %r: supervisor failed; killing its workers", self.name, exc_info=True
+            )
             self._abandon()
         finally:
             for pgid in self._groups_to_kill:
@@ -310,7 +315,7 @@ class Supervisor:
             self.counters.queued += len(jobs)
         for job in jobs:
             if job.start_by is not None:
-                self._at(job.start_by, lambda job=job: self._miss(job))
+                self._at(job.start_by, functools.partial(self._miss, job))
         self._queue.extend(jobs)
         for command in commands:
             command()
@@ -346,7 +351,7 @@ class Supervisor:
             worker.state = "busy"
             worker.job = job
             if job.timeout is not None:
-                self._at(now + job.timeout, lambda w=worker, j=job: self._on_timeout(w, j))
+                self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job))
             if self.settings.max_memory is not None and not self._memory_watch_armed:
                 self._memory_watch_armed = True
                 self._at(now + self.settings.memory_check_interval, self._check_memory)
@@ -465,7 +470,9 @@ class Supervisor:
         elif worker.state in ("idle", "busy") and not self._closing:
             logger.warning(
                 "pool %r: idle worker %d died (%s); starting a replacement",
-                self.name, worker.pid, _describe_exit(exitcode),
+                self.name,
+                worker.pid,
+                _describe_exit(exitcode),
             )
         self._top_up()
 
@@ -509,8 +516,12 @@ class Supervisor:
         worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
         self._workers[worker.pid] = worker
         self._selector.register(parent_conn, selectors.EVENT_READ, lambda: self._on_message(worker))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(worker))
-        self._at(time.monotonic() + self.settings.start_timeout, lambda: self._start_timed_out(worker))
+        self._selector.register(
+            process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(worker)
+        )
+        self._at(
+            time.monotonic() + self.settings.start_timeout, lambda: self._start_timed_out(worker)
+        )
         if self._first_starts_left:
             self._first_starts_left -= 1
         else:
@@ -519,7 +530,9 @@ class Supervisor:
 
     def _start_timed_out(self, worker: _Worker) -> None:
         if worker.state == "starting" and worker.pid in self._workers:
-            worker.start_error = f"it was not ready within start_timeout={self.settings.start_timeout}s"
+            worker.start_error = (
+                f"it was not ready within start_timeout={self.settings.start_timeout}s"
+            )
             _killpg(worker.pid, signal.SIGKILL)
 
     def _on_start_failure(self, worker: _Worker, cause: str) -> None:
@@ -532,7 +545,10 @@ class Supervisor:
         self._next_start_at = time.monotonic() + delay
         logger.error(
             "pool %r: %s (failure %d in a row); next start in %.1fs",
-            self.name, cause.rstrip(), self._failures_in_row, delay,
+            self.name,
+            cause.rstrip(),
+            self._failures_in_row,
+            delay,
         )
         if self._failures_in_row >= _FAILURES_BEFORE_GIVING_UP:
             self._start_error = WorkerStartError(
@@ -622,8 +638,10 @@ class Supervisor:
             worker.conn.send_bytes(msg.STOP)
         except OSError:
             return
-        self._at(time.monotonic() + max(self.settings.kill_grace, 5.0),
-                 lambda: self._stop_timed_out(worker))
+        self._at(
+            time.monotonic() + max(self.settings.kill_grace, 5.0),
+            lambda: self._stop_timed_out(worker),
+        )
 
     def _stop_timed_out(self, worker: _Worker) -> None:
         if worker.pid in self._workers and self._workers[worker.pid] is worker:
@@ -678,8 +696,7 @@ class Supervisor:
             job = worker.job
             if job is not None:
                 error = JobCancelledError(
-                    f"job {job.id} ({job.reference}) was still running at shutdown and was "
-                    f"killed",
+                    f"job {job.id} ({job.reference}) was still running at shutdown and was killed",
                     job_id=job.id,
                     started=True,
                 )
@@ -736,7 +753,7 @@ def _remote_exception(
     if exc_bytes is not None:
         try:
             error = pickle.loads(exc_bytes)
-        except Exception:  # noqa: BLE001 - reported as a RemoteError below
+        except Exception:  # reported as a RemoteError below
             error = None
     if not isinstance(error, BaseException):
         error = RemoteError(
@@ -753,7 +770,9 @@ def _describe_exit(exitcode: int | None, *, in_job: bool = False) -> str:
     if exitcode is None:
         return "an unknown status"
     if exitcode >= 0:
-        return f"exit code {exitcode}" + (" (os._exit or a native exit in the job)" if in_job else "")
+        return f"exit code {exitcode}" + (
+            " (os._exit or a native exit in the job)" if in_job else ""
+        )
     try:
         name = signal.Signals(-exitcode).name
     except ValueError:
@@ -774,10 +793,8 @@ def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _poll(conn: Connection) -> bool:

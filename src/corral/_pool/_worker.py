@@ -8,6 +8,7 @@ any child processes a job starts, and it kills that group itself if its parent d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import logging
@@ -148,11 +149,11 @@ def _run_job(
             if inspect.isawaitable(value):
                 runner = runner or asyncio.Runner()
                 value = runner.run(_await(value))
-    except BaseException as exc:  # noqa: BLE001 - a job's SystemExit is its outcome, not ours
+    except BaseException as exc:  # a job's SystemExit is its outcome, not ours
         return _raised(exc), runner
     try:
         return (msg.RETURNED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)), runner
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         error = SerializationError(
             f"the job's result {_short_repr(value)} could not be pickled: "
             f"{type(exc).__name__}: {exc}; return plain data (numbers, strings, lists, dicts, "
@@ -170,11 +171,11 @@ def _raised(exc: BaseException) -> tuple[Any, ...]:
     text = "".join(traceback.format_exception(exc))
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:  # noqa: BLE001 - reported below as a RemoteError
+    except BaseException:  # reported below as a RemoteError
         exc_bytes = None
     try:
         message = str(exc)
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         message = "<str() of the exception failed>"
     return (msg.RAISED, exc_bytes, _type_name(exc), message, text)
 
@@ -187,23 +188,21 @@ def _type_name(exc: BaseException) -> str:
 def _short_repr(value: object) -> str:
     try:
         text = repr(value)
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         text = f"<{type(value).__qualname__}>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _capture_output(channel: _Channel) -> tuple[_ChannelWriter, _ChannelWriter]:
     out, err = _ChannelWriter(channel, "stdout"), _ChannelWriter(channel, "stderr")
-    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    sys.stdout, sys.stderr = out, err
     return out, err
 
 
 def _flush(streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
     for stream in streams:
-        try:
+        with contextlib.suppress(Exception):  # the channel is gone; nothing left to tell
             stream.flush()
-        except Exception:  # noqa: BLE001, S110 - the channel is gone; nothing left to tell
-            pass
 
 
 def _capture_logging(channel: _Channel, level: int) -> None:
