@@ -280,8 +280,10 @@ class Supervisor:
     def _run(self) -> None:
         try:
             self._top_up()
-            while not (self._closing and not self._workers):
-                delay = self._fire_timers()
+            while True:
+                delay = self._fire_timers()  # may reap the last worker: check before waiting
+                if self._closing and not self._workers:
+                    break
                 for key, _ in self._selector.select(delay):
                     key.data()
                 self._dispatch()

@@ -1,0 +1,217 @@
+"""Pool-level overhead, side by side in one run: corral's pool, the stdlib's, and a raw pipe.
+
+    python benchmarks/pool.py [--jobs 20000] [--latency-jobs 2000] [--repeat 3] [--json FILE]
+
+Measures, on warm pools of 2 workers:
+- round trip: one no-op job submitted and its result received, one at a time (median, p99);
+- throughput: ``--jobs`` no-op jobs submitted at once, until every result is in (jobs/s);
+- recovery: from a worker's crash to the next job's result.
+The floor is a raw round trip of the same pickled message over a pipe to one child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import pickle
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from typing import Any
+
+from corral import Pool, WorkerDiedError
+
+WORKERS = 2
+
+
+def noop() -> None:
+    return None
+
+
+def die() -> None:
+    os._exit(1)
+
+
+def _echo_server(conn: Connection) -> None:
+    while True:
+        frame = conn.recv_bytes()
+        if not frame:
+            return
+        pickle.loads(frame)
+        conn.send_bytes(pickle.dumps((2, pickle.dumps(None))))
+
+
+class RawPipe:
+    """The floor: one child answering one pickled frame per request."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("forkserver")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_echo_server, args=(child,))
+        self.process.start()
+        child.close()
+
+    def call(self) -> None:
+        self.conn.send_bytes(pickle.dumps(("__main__:noop", (), {})))
+        reply = pickle.loads(self.conn.recv_bytes())
+        pickle.loads(reply[1])
+
+    def close(self) -> None:
+        self.conn.send_bytes(b"")
+        self.process.join()
+
+
+def round_trips(call: Callable[[], Any], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def throughput(submit: Callable[[], Any], wait: Callable[[list[Any]], None], count: int) -> float:
+    start = time.perf_counter()
+    futures = [submit() for _ in range(count)]
+    wait(futures)
+    return count / (time.perf_counter() - start)
+
+
+def corral_pool() -> Pool:
+    pool = Pool(workers=WORKERS, start_method="forkserver")
+    pool.start()
+    pool.wait_ready(60)
+    return pool
+
+
+def stdlib_pool() -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"))
+    list(pool.map(noop_arg, range(WORKERS * 4)))  # warm: every worker started
+    return pool
+
+
+def noop_arg(_: int) -> None:
+    return None
+
+
+def recovery_corral() -> float:
+    with Pool(workers=1, start_method="forkserver") as pool:
+        pool.wait_ready(60)
+        pool.submit(noop).result()
+        start = time.perf_counter()
+        crashed = pool.submit(die)
+        following = pool.submit(noop)
+        with contextlib.suppress(WorkerDiedError):
+            crashed.result()
+        following.result()
+        return time.perf_counter() - start
+
+
+def recovery_stdlib() -> float:
+    """The stdlib pool breaks: the caller must notice and build a new one."""
+    pool = stdlib_pool()
+    start = time.perf_counter()
+    crashed = pool.submit(die)
+    with contextlib.suppress(BrokenProcessPool):
+        crashed.result()
+    pool.shutdown(wait=True)
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+    pool.submit(noop).result()
+    elapsed = time.perf_counter() - start
+    pool.shutdown()
+    return elapsed
+
+
+def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+
+    raw = RawPipe()
+    lat = round_trips(raw.call, latency_jobs)
+    raw.close()
+    results["raw pipe (floor)"] = _latency(lat)
+
+    pool = corral_pool()
+    round_trips(lambda: pool.submit(noop).result(), 200)  # warm
+    lat = round_trips(lambda: pool.submit(noop).result(), latency_jobs)
+    tput = throughput(lambda: pool.submit(noop), lambda fs: [f.result() for f in fs] and None, jobs)
+    pool.shutdown()
+    results["corral Pool"] = {**_latency(lat), "throughput": tput}
+
+    executor = stdlib_pool()
+    round_trips(lambda: executor.submit(noop).result(), 200)
+    lat = round_trips(lambda: executor.submit(noop).result(), latency_jobs)
+    tput = throughput(
+        lambda: executor.submit(noop), lambda fs: [f.result() for f in fs] and None, jobs
+    )
+    executor.shutdown()
+    results["stdlib ProcessPoolExecutor"] = {**_latency(lat), "throughput": tput}
+
+    results["corral Pool"]["recovery"] = recovery_corral()
+    results["stdlib ProcessPoolExecutor"]["recovery"] = recovery_stdlib()
+    return results
+
+
+def _latency(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "median_us": statistics.median(ordered) * 1e6,
+        "p99_us": ordered[int(len(ordered) * 0.99) - 1] * 1e6,
+    }
+
+
+def combine(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Per metric: [median, min, max] over the repeated runs."""
+    combined: dict[str, dict[str, list[float]]] = {}
+    for name in runs[0]:
+        combined[name] = {}
+        for metric in runs[0][name]:
+            values = [run[name][metric] for run in runs]
+            combined[name][metric] = [statistics.median(values), min(values), max(values)]
+    return combined
+
+
+def table(combined: dict[str, dict[str, list[float]]]) -> str:
+    stdlib = combined["stdlib ProcessPoolExecutor"]
+    floor = combined["raw pipe (floor)"]
+    lines = [
+        f"{'':28} {'round trip median':>20} {'p99':>10} {'vs stdlib':>10} {'vs floor':>9} "
+        f"{'jobs/s':>9} {'vs stdlib':>10} {'recovery':>10}"
+    ]
+    for name, m in combined.items():
+        med = m["median_us"][0]
+        row = f"{name:28} {med:>14.1f} us   {m['p99_us'][0]:>7.1f} us"
+        row += f" {med / stdlib['median_us'][0]:>9.2f}x {med / floor['median_us'][0]:>8.2f}x"
+        if "throughput" in m:
+            tput = m["throughput"]
+            row += f" {tput[0]:>9.0f} {tput[0] / stdlib['throughput'][0]:>9.2f}x"
+            row += f" {m['recovery'][0] * 1000:>7.1f} ms"
+        lines.append(row)
+    lines.append("medians of the repeated runs; min-max ranges are in the JSON output")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--latency-jobs", type=int, default=2_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    runs = [measure(args.latency_jobs, args.jobs) for _ in range(args.repeat)]
+    combined = combine(runs)
+    print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers")
+    print(table(combined))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": platform.platform(), "results": combined}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
