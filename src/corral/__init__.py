@@ -25,13 +25,18 @@ from corral._exceptions import (
 
 if TYPE_CHECKING:
     __version__: str
+    from corral._config import SchedulerConfig
+    from corral._decorator import TaskSpec, registered_tasks, scheduler
+    from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
     from corral._pool._pool import DEFAULT, Pool
     from corral._pool._settings import PoolSettings
     from corral._pool._stats import PoolStatistics, WorkerStatistics
     from corral._pool._supervisor import JobFuture
+    from corral._runtime import Scheduler
 
 __all__ = [
     "DEFAULT",
+    "AsyncIOExecutor",
     "ConfigurationError",
     "CorralError",
     "JobCancelledError",
@@ -45,14 +50,21 @@ __all__ = [
     "PoolNotRunningError",
     "PoolSettings",
     "PoolStatistics",
+    "ProcessExecutor",
     "QueueFullError",
     "RemoteError",
     "RemoteTraceback",
+    "Scheduler",
+    "SchedulerConfig",
     "SerializationError",
+    "TaskSpec",
+    "ThreadExecutor",
     "WorkerDiedError",
     "WorkerStartError",
     "WorkerStatistics",
     "__version__",
+    "registered_tasks",
+    "scheduler",
 ]
 
 # Imported on first use, so that worker processes (which import this package) stay light.
@@ -63,6 +75,14 @@ _LAZY = {
     "PoolStatistics": "corral._pool._stats",
     "WorkerStatistics": "corral._pool._stats",
     "JobFuture": "corral._pool._supervisor",
+    "SchedulerConfig": "corral._config",
+    "TaskSpec": "corral._decorator",
+    "registered_tasks": "corral._decorator",
+    "scheduler": "corral._decorator",
+    "ProcessExecutor": "corral._executor",
+    "ThreadExecutor": "corral._executor",
+    "AsyncIOExecutor": "corral._executor",
+    "Scheduler": "corral._runtime",
 }
 
 

@@ -21,6 +21,25 @@ def reference_of(fn: Callable[..., Any] | str) -> str:
     if isinstance(fn, str):
         _check_reference_text(fn)
         return fn
+    module, qualname = check_importable(fn)
+    try:
+        found = resolve(f"{module}:{qualname}")
+    except NotImportableError:
+        found = None
+    if found is not fn and found != fn:
+        raise NotImportableError(
+            f"{fn!r} is not what {module}:{qualname} names (a bound method, or a name that a "
+            f"decorator replaced); pass a module-level function, and {_HOW_TO_FIX}"
+        )
+    return f"{module}:{qualname}"
+
+
+def check_importable(fn: Callable[..., Any]) -> tuple[str, str]:
+    """Refuse what can never be imported by reference; return ``(module, qualname)``.
+
+    Unlike :func:`reference_of`, this does not look the name up, so it works while the module
+    that defines ``fn`` is still being imported (in a decorator).
+    """
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
     if not callable(fn) or module is None or qualname is None:
@@ -38,16 +57,7 @@ def reference_of(fn: Callable[..., Any] | str) -> str:
             f"{fn!r} lives in __main__, which has no file a worker process can import "
             f"(interactive session, -c or stdin); {_HOW_TO_FIX}"
         )
-    try:
-        found = resolve(f"{module}:{qualname}")
-    except NotImportableError:
-        found = None
-    if found is not fn and found != fn:
-        raise NotImportableError(
-            f"{fn!r} is not what {module}:{qualname} names (a bound method, or a name that a "
-            f"decorator replaced); pass a module-level function, and {_HOW_TO_FIX}"
-        )
-    return f"{module}:{qualname}"
+    return module, qualname
 
 
 def resolve(reference: str) -> Callable[..., Any]:

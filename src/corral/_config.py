@@ -1,0 +1,106 @@
+"""``SchedulerConfig``: the scheduler's settings, validated, with environment overrides."""
+
+from __future__ import annotations
+
+import os
+import zoneinfo
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from corral._pool._settings import PoolSettings
+
+if TYPE_CHECKING:
+    from corral._pool._stats import PoolStatistics
+    from corral._runtime import Scheduler
+
+ExecutorKind = Literal["process", "thread", "asyncio"]
+EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("process", "thread", "asyncio")
+ENV_PREFIX = "CORRAL_"
+
+
+class SchedulerConfig(PoolSettings):
+    """How the scheduler runs: Ravyn's documented fields, the executor, and the pool settings.
+
+    Every field can also come from an environment variable named ``CORRAL_`` plus the field
+    name in capitals (``CORRAL_WORKERS=8``, ``CORRAL_ENABLED=true``, ``CORRAL_MODULES=a,b``).
+    A value passed in code wins over the environment; the environment wins over the default.
+    """
+
+    enabled: bool = False
+    """Whether the scheduler runs at all. ``False``: nothing starts, no process is spawned."""
+    timezone: str = "UTC"
+    """Time zone of cron and date triggers (an IANA name such as ``"Europe/Paris"``)."""
+    max_instances: Annotated[int, Field(ge=1)] = 1
+    """Default for every task: how many runs of it may be in progress at once."""
+    coalesce: bool = False
+    """Default for every task: run once, not once per missed run time, after a delay."""
+    mistrigger_grace_time: Annotated[float, Field(gt=0)] | None = 1.0
+    """Default for every task: seconds a run may start late; later, it is reported missed."""
+    executor: ExecutorKind = "process"
+    """Where tasks run by default: ``"process"`` (the supervised pool), ``"thread"`` or
+    ``"asyncio"`` (the app's event loop). A task can choose its own."""
+    modules: tuple[str, ...] = ()
+    """Modules to import at start so that their ``@scheduler`` tasks are registered."""
+
+    _scheduler: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name in cls.model_fields:
+            value = os.environ.get(ENV_PREFIX + name.upper())
+            if value is not None and name not in merged:
+                merged[name] = value
+        return merged
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; use an IANA name such as 'UTC' or 'Europe/Paris'"
+            ) from None
+        return value
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _module_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    def pool_settings(self) -> PoolSettings:
+        """The pool part of this configuration."""
+        return PoolSettings(**{name: getattr(self, name) for name in PoolSettings.model_fields})
+
+    # -- the interface Ravyn drives: ``await config.start()`` / ``await config.shutdown()`` --------
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The running scheduler this config started, if any."""
+        return self._scheduler  # type: ignore[no-any-return]
+
+    async def start(self) -> None:
+        """Start a scheduler with this configuration (nothing happens if ``enabled=False``)."""
+        from corral._runtime import Scheduler
+
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self)
+        await self._scheduler.start()
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler this config started: running jobs finish, then workers exit."""
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await scheduler.shutdown()
+
+    def statistics(self) -> PoolStatistics | None:
+        """The worker pool's statistics while the scheduler runs, else ``None``."""
+        scheduler = self._scheduler
+        return None if scheduler is None else scheduler.statistics()

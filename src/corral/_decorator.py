@@ -1,0 +1,324 @@
+"""``@scheduler``: declare a task next to its function, validated when the module is imported.
+
+The decorator returns the function itself, so it stays directly callable and picklable by
+reference; its options live in one attribute, ``__corral_task__``, and in a registry that the
+scheduler reads when it starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from asyncz.triggers import CronTrigger, DateTrigger, IntervalTrigger
+from asyncz.triggers.types import TriggerType
+
+from corral._config import EXECUTOR_KINDS, ExecutorKind
+from corral._exceptions import ConfigurationError, NotImportableError
+from corral._pool._pool import DEFAULT
+from corral._pool._refs import check_importable
+
+F = TypeVar("F", bound=Callable[..., Any])
+TriggerName = Literal["interval", "cron", "date"]
+
+_TRIGGERS: dict[str, type[TriggerType]] = {
+    "interval": IntervalTrigger,
+    "cron": CronTrigger,
+    "date": DateTrigger,
+}
+_ALIASES = {"date": {"run_date": "run_at"}}  # APScheduler's and Ravyn's name for asyncz's run_at
+_DURATIONS = ("weeks", "days", "hours", "minutes", "seconds")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as declared: its function, trigger and options (unset options are ``DEFAULT``)."""
+
+    fn: Callable[..., Any]
+    id: str
+    name: str
+    trigger: str | TriggerType
+    trigger_args: Mapping[str, Any] = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    max_instances: Any = DEFAULT
+    coalesce: Any = DEFAULT
+    mistrigger_grace_time: Any = DEFAULT
+    executor: Any = DEFAULT
+    timeout: Any = DEFAULT
+    is_enabled: bool = True
+
+    def build_trigger(self, timezone: str) -> TriggerType:
+        """The asyncz trigger, in ``timezone`` unless the task chose its own."""
+        return build_trigger(self.trigger, self.trigger_args, timezone, self.id)
+
+
+_registry: dict[str, TaskSpec] = {}
+
+
+def registered_tasks() -> list[TaskSpec]:
+    """Every task declared with ``@scheduler`` in this process so far, in declaration order."""
+    return list(_registry.values())
+
+
+def task_options(fn: Any) -> TaskSpec | None:
+    """The ``@scheduler`` options of ``fn``, if it has any."""
+    spec = getattr(fn, "__corral_task__", None)
+    return spec if isinstance(spec, TaskSpec) else None
+
+
+def scheduler(
+    *,
+    name: str | None = None,
+    trigger: TriggerName | TriggerType | None = None,
+    id: str | None = None,
+    max_instances: int = DEFAULT,
+    coalesce: bool = DEFAULT,
+    mistrigger_grace_time: float | None = DEFAULT,
+    executor: ExecutorKind = DEFAULT,
+    timeout: float | None = DEFAULT,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    is_enabled: bool = True,
+    **trigger_args: Any,
+) -> Callable[[F], F]:
+    """Declare the decorated function as a scheduled task; return the function unchanged.
+
+    Args:
+        name: The task's name; also its id unless ``id`` is given.
+        trigger: ``"interval"``, ``"cron"``, ``"date"`` or an asyncz trigger instance.
+        id: A stable id (default: ``name``, else ``module:function``).
+        max_instances: Runs of this task that may be in progress at once.
+        coalesce: After a delay, run once instead of once per missed run time.
+        mistrigger_grace_time: Seconds a run may start late before it is reported missed.
+        executor: ``"process"``, ``"thread"`` or ``"asyncio"``.
+        timeout: Seconds a run may take (process executor); ``None`` for no limit.
+        args: Positional arguments for the function.
+        kwargs: Keyword arguments for the function.
+        is_enabled: ``False`` declares the task without scheduling it.
+        **trigger_args: The trigger's arguments, e.g. ``hours=1`` or ``hour=9, minute=0``.
+
+    Raises:
+        ConfigurationError: an unknown trigger, a misspelt or invalid trigger argument, an
+            invalid option, or a function that cannot run in a worker process.
+    """
+    options = dict(
+        name=name,
+        trigger=trigger,
+        id=id,
+        max_instances=max_instances,
+        coalesce=coalesce,
+        mistrigger_grace_time=mistrigger_grace_time,
+        executor=executor,
+        timeout=timeout,
+        args=args,
+        kwargs=kwargs,
+        is_enabled=is_enabled,
+        **trigger_args,
+    )
+    _validate(
+        name or id or "task",
+        trigger,
+        trigger_args,
+        max_instances,
+        mistrigger_grace_time,
+        executor,
+        timeout,
+    )  # at the decorator line, before the function is known
+
+    def decorate(fn: F) -> F:
+        spec = make_spec(fn, **options)
+        register(spec)
+        fn.__corral_task__ = spec  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def make_spec(
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    trigger: str | TriggerType | None = None,
+    id: str | None = None,
+    max_instances: Any = DEFAULT,
+    coalesce: Any = DEFAULT,
+    mistrigger_grace_time: Any = DEFAULT,
+    executor: Any = DEFAULT,
+    timeout: Any = DEFAULT,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    is_enabled: bool = True,
+    **trigger_args: Any,
+) -> TaskSpec:
+    """Validate a task declaration and return it (``@scheduler`` without the registry)."""
+    if not callable(fn):
+        raise ConfigurationError(f"a task needs a function, not {fn!r}")
+    reference = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    label = name or id or reference
+    _validate(label, trigger, trigger_args, max_instances, mistrigger_grace_time, executor, timeout)
+    assert trigger is not None
+    if executor in (DEFAULT, "process"):
+        try:
+            check_importable(fn)
+        except NotImportableError as exc:
+            raise ConfigurationError(
+                f"task {label!r}: {exc} (or choose executor='thread' or 'asyncio')"
+            ) from None
+    return TaskSpec(
+        fn=fn,
+        id=id or name or reference,
+        name=name or str(getattr(fn, "__name__", reference)),
+        trigger=trigger,
+        trigger_args=dict(trigger_args),
+        args=tuple(args),
+        kwargs=dict(kwargs or {}),
+        max_instances=max_instances,
+        coalesce=coalesce,
+        mistrigger_grace_time=mistrigger_grace_time,
+        executor=executor,
+        timeout=timeout,
+        is_enabled=is_enabled,
+    )
+
+
+def _validate(
+    label: str,
+    trigger: str | TriggerType | None,
+    trigger_args: Mapping[str, Any],
+    max_instances: Any,
+    grace: Any,
+    executor: Any,
+    timeout: Any,
+) -> None:
+    if trigger is None:
+        raise ConfigurationError(
+            f"task {label!r} needs a trigger: trigger='interval' (with e.g. hours=1), "
+            "trigger='cron' (with e.g. hour=9, minute=0) or trigger='date' (with run_date=...)"
+        )
+    _check_options(max_instances, grace, executor, timeout)
+    if timeout not in (DEFAULT, None) and executor in ("thread", "asyncio"):
+        raise ConfigurationError(
+            f"task {label!r}: timeout={timeout!r} needs executor='process'; a thread or the "
+            f"event loop cannot be stopped from outside"
+        )
+    build_trigger(trigger, trigger_args, "UTC", label)
+
+
+def register(spec: TaskSpec) -> None:
+    """Add ``spec`` to the registry; the same function declared again replaces itself."""
+    existing = _registry.get(spec.id)
+    if existing is not None and _reference(existing.fn) != _reference(spec.fn):
+        raise ConfigurationError(
+            f"task id {spec.id!r} is already used by {_reference(existing.fn)}; "
+            f"give {_reference(spec.fn)} another name= or id="
+        )
+    _registry[spec.id] = spec
+
+
+def unregister(task_id: str) -> None:
+    """Forget a declared task (for tests that declare tasks of their own)."""
+    _registry.pop(task_id, None)
+
+
+def _reference(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def build_trigger(
+    trigger: str | TriggerType, trigger_args: Mapping[str, Any], timezone: str, label: str
+) -> TriggerType:
+    """Make an asyncz trigger, refusing what asyncz would silently misread."""
+    if isinstance(trigger, TriggerType):
+        if trigger_args:
+            raise ConfigurationError(
+                f"task {label!r}: trigger arguments {sorted(trigger_args)} given with a trigger "
+                f"instance; put them in the trigger instead"
+            )
+        return trigger
+    cls = _TRIGGERS.get(trigger) if isinstance(trigger, str) else None
+    if cls is None:
+        raise ConfigurationError(
+            f"task {label!r}: unknown trigger {trigger!r}; expected one of "
+            f"{', '.join(repr(t) for t in _TRIGGERS)} or an asyncz trigger instance"
+        )
+    args = _canonical_args(trigger, trigger_args, label)
+    if trigger == "interval":
+        _check_interval(args, label)
+    args.setdefault("timezone", timezone)
+    try:
+        return cls(**args)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"task {label!r}: invalid {trigger} trigger: {exc}") from None
+
+
+def _canonical_args(trigger: str, trigger_args: Mapping[str, Any], label: str) -> dict[str, Any]:
+    aliases = _ALIASES.get(trigger, {})
+    accepted = [
+        p
+        for p in inspect.signature(_TRIGGERS[trigger].__init__).parameters
+        if p not in ("self", "kwargs")
+    ]
+    args: dict[str, Any] = {}
+    for key, value in trigger_args.items():
+        canonical = aliases.get(key, key)
+        if canonical not in accepted:
+            close = difflib.get_close_matches(key, accepted + list(aliases), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"task {label!r}: the {trigger} trigger has no argument {key!r}{hint} "
+                f"(accepted: {', '.join(accepted + list(aliases))})"
+            )
+        args[canonical] = value
+    return args
+
+
+def _check_interval(args: Mapping[str, Any], label: str) -> None:
+    for key in _DURATIONS:
+        value = args.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigurationError(
+                f"task {label!r}: interval {key}={value!r}; expected a number >= 0"
+            )
+    if not any(args.get(key) for key in _DURATIONS):
+        raise ConfigurationError(
+            f"task {label!r}: an interval trigger needs a length: one of "
+            f"{', '.join(_DURATIONS)} (for example hours=1)"
+        )
+
+
+def _check_options(max_instances: Any, grace: Any, executor: Any, timeout: Any) -> None:
+    if max_instances is not DEFAULT and (
+        isinstance(max_instances, bool) or not isinstance(max_instances, int) or max_instances < 1
+    ):
+        raise ConfigurationError(f"max_instances={max_instances!r}; expected an integer >= 1")
+    for option, value in (("mistrigger_grace_time", grace), ("timeout", timeout)):
+        if value is DEFAULT or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigurationError(
+                f"{option}={value!r}; expected a positive number of seconds, or None"
+            )
+    if executor is not DEFAULT and executor not in EXECUTOR_KINDS:
+        raise ConfigurationError(
+            f"executor={executor!r}; expected one of {', '.join(map(repr, EXECUTOR_KINDS))}"
+        )
+
+
+def next_run_times(trigger: TriggerType, timezone: Any, count: int) -> list[datetime]:
+    """The next ``count`` run times of ``trigger`` from now."""
+    times: list[datetime] = []
+    now = datetime.now(timezone)
+    previous = None
+    while len(times) < count:
+        moment = trigger.get_next_trigger_time(timezone, previous, now)
+        if moment is None:
+            break
+        times.append(moment)
+        previous = moment
+        now = moment
+    return times
