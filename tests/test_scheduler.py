@@ -359,7 +359,7 @@ async def test_the_pool_stops_with_the_scheduler() -> None:
 
 
 async def test_add_task_programmatically_with_a_timeout() -> None:
-    sched = Scheduler(config(workers=1))
+    sched = Scheduler(config(workers=1), tasks=[])
     async with sched:
         recorder = Recorder().attach(sched)
         sched.add_task(tasks.hang, trigger="interval", seconds=0.2, name="added", timeout=0.2)

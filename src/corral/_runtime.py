@@ -169,17 +169,23 @@ class Scheduler:
             for sig in handled:
                 loop.remove_signal_handler(sig)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+    @property
+    def lifespan(self) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
         """An ASGI lifespan: the scheduler runs while the app does.
 
-        Use ``lifespan=scheduler.lifespan`` with Starlette, FastAPI, Lilya or Ravyn.
+        ``lifespan=scheduler.lifespan`` for Starlette, FastAPI, Lilya or Ravyn. (A plain
+        function, not a method: some frameworks call methods to build their lifespan.)
         """
-        await self.start()
-        try:
-            yield
-        finally:
-            await self.shutdown()
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.shutdown()
+
+        return lifespan
 
     def statistics(self) -> PoolStatistics | None:
         """The worker pool's statistics, or ``None`` when no pool is running."""
