@@ -51,7 +51,7 @@ async def assert_tasks_run_in_workers(config: SchedulerConfig) -> list[int]:
 
 async def test_ravyn_app_with_scheduler_config_argument() -> None:
     config = SchedulerConfig(enabled=True, workers=1)
-    app = Ravyn(scheduler_config=config, enable_scheduler=True)
+    app = Ravyn(scheduler_config=config, enable_scheduler=True)  # type: ignore[arg-type]
     async with lifespan_of(app):
         pids = await assert_tasks_run_in_workers(config)
     assert config.scheduler is None
@@ -75,7 +75,7 @@ async def test_ravyn_app_with_a_settings_class() -> None:
 
 async def test_a_disabled_config_in_ravyn_starts_nothing() -> None:
     config = SchedulerConfig(enabled=False)
-    app = Ravyn(scheduler_config=config, enable_scheduler=True)
+    app = Ravyn(scheduler_config=config, enable_scheduler=True)  # type: ignore[arg-type]
     async with lifespan_of(app):
         assert config.scheduler is not None and not config.scheduler.running
         assert config.statistics() is None

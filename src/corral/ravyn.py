@@ -36,4 +36,4 @@ class SchedulerSettings(RavynSettings):
 
 
 # Set after the class is made, so that pydantic does not take it for a field.
-SchedulerSettings.scheduler_config = _FieldValue("scheduler_config")  # type: ignore[assignment,misc]
+SchedulerSettings.scheduler_config = _FieldValue("scheduler_config")  # type: ignore[assignment]
