@@ -54,3 +54,15 @@ def test_readme_python_examples_run(tmp_path: Path) -> None:
         for expected in re.findall(r"# (\S+)$", block, flags=re.M):
             if expected.isdigit():
                 assert expected in result.stdout
+
+
+def test_docs_code_blocks_are_tested_example_files() -> None:
+    """Code in docs/*.md is only ever included from a file a test runs."""
+    for page in (ROOT / "docs").glob("*.md"):
+        for block in re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S):
+            include = re.fullmatch(r'--8<-- "(.+?)"\n', block)
+            assert include, f"{page.name}: inline code block; move it to docs/examples/"
+            assert (ROOT / include.group(1)).is_file(), include.group(1)
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_docs*.py"))
+    for example in (ROOT / "docs" / "examples").glob("*.py"):
+        assert example.stem in tests or example.name in tests, f"no test runs {example.name}"

@@ -110,11 +110,6 @@ class Scheduler:
         self.asyncz = NativeAsyncIOScheduler(
             timezone=cfg.timezone,
             executors=executors,
-            task_defaults={
-                "coalesce": cfg.coalesce,
-                "max_instances": cfg.max_instances,
-                "mistrigger_grace_time": cfg.mistrigger_grace_time,
-            },
         )
         for spec in specs:
             self._schedule(spec)
@@ -228,10 +223,10 @@ class Scheduler:
             assert self._process_executor is not None
             timeout = self.config.timeout if spec.timeout is DEFAULT else spec.timeout
             self._process_executor.task_timeouts[spec.id] = timeout
+        # Explicit per task: asyncz drops None-valued defaults (a grace time of None, "no limit").
         options = {
-            key: getattr(spec, key)
+            key: getattr(self.config, key) if getattr(spec, key) is DEFAULT else getattr(spec, key)
             for key in ("max_instances", "coalesce", "mistrigger_grace_time")
-            if getattr(spec, key) is not DEFAULT
         }
         self.asyncz.add_task(
             spec.fn,

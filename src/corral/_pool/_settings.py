@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
 
 from corral._pool._refs import reference_of
 
 StartMethod = Literal["forkserver", "spawn"]
+_BYTES = TypeAdapter(ByteSize)
 
 
 def default_workers() -> int:
@@ -38,8 +39,9 @@ class PoolSettings(BaseModel):
     """Seconds between SIGTERM and SIGKILL when a job is stopped."""
     max_jobs_per_worker: Annotated[int, Field(ge=1)] | None = None
     """Replace a worker after this many jobs; ``None`` keeps it."""
-    max_memory: ByteSize | None = None
-    """RSS limit per worker (bytes, or text such as ``"512MiB"``); ``None`` for no limit."""
+    max_memory: int | str | None = None
+    """RSS limit per worker (bytes, or text such as ``"512MiB"``, read as bytes); ``None`` for
+    no limit."""
     memory_check_interval: Annotated[float, Field(gt=0)] = 0.2
     """Seconds between RSS readings of busy workers."""
     queue_size: Annotated[int, Field(ge=1)] = 100_000
@@ -58,7 +60,10 @@ class PoolSettings(BaseModel):
 
     @field_validator("max_memory")
     @classmethod
-    def _positive_memory(cls, value: ByteSize | None) -> ByteSize | None:
-        if value is not None and value <= 0:
+    def _memory_bytes(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        size = int(_BYTES.validate_python(value))
+        if size <= 0:
             raise ValueError("must be a positive size such as 536870912 or '512MiB'")
-        return value
+        return size

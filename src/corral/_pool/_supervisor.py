@@ -591,7 +591,7 @@ class Supervisor:
 
     def _check_memory(self) -> None:
         limit = self.settings.max_memory
-        assert limit is not None
+        assert isinstance(limit, int)  # validated to bytes
         busy = [w for w in self._workers.values() if w.job is not None and w.state == "busy"]
         self._memory_watch_armed = bool(busy)
         if busy:
@@ -603,12 +603,12 @@ class Supervisor:
             if rss is not None and rss > limit:
                 error = MemoryLimitError(
                     f"worker {worker.pid} used {rss} bytes of memory while running job {job.id} "
-                    f"({job.reference}), over max_memory={int(limit)}; it was killed and "
+                    f"({job.reference}), over max_memory={limit}; it was killed and "
                     f"replaced; raise max_memory or make the job use less",
                     job_id=job.id,
                     pid=worker.pid,
                     rss=rss,
-                    limit=int(limit),
+                    limit=limit,
                 )
                 self._kill(worker, error, graceful=False)
 
