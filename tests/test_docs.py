@@ -57,12 +57,27 @@ def test_readme_python_examples_run(tmp_path: Path) -> None:
 
 
 def test_docs_code_blocks_are_tested_example_files() -> None:
-    """Code in docs/*.md is only ever included from a file a test runs."""
-    for page in (ROOT / "docs").glob("*.md"):
+    """Code in docs/*.md and the README's scheduler section is included from tested files."""
+    for page in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]:
         for block in re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S):
+            if page.name == "README.md":
+                continue  # the README's blocks run in test_readme_python_examples_run
             include = re.fullmatch(r'--8<-- "(.+?)"\n', block)
             assert include, f"{page.name}: inline code block; move it to docs/examples/"
             assert (ROOT / include.group(1)).is_file(), include.group(1)
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_docs*.py"))
     for example in (ROOT / "docs" / "examples").glob("*.py"):
         assert example.stem in tests or example.name in tests, f"no test runs {example.name}"
+
+
+def test_readme_shows_the_scheduler_example_verbatim() -> None:
+    example = (ROOT / "docs" / "examples" / "readme_scheduler.py").read_text()
+    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+
+
+def test_readme_scheduler_example_runs_tasks_in_workers() -> None:
+    out = run_example("readme_scheduler.py")
+    app_pid = int(re.findall(r"app process (\d+)", out)[0])
+    workers = {int(pid) for pid in re.findall(r"built in process (\d+)", out)}
+    assert len(re.findall(r"report \d+ built", out)) == 3
+    assert workers and app_pid not in workers

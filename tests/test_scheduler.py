@@ -400,3 +400,20 @@ async def test_start_reports_tasks_whose_function_is_not_importable() -> None:
     with pytest.raises(ConfigurationError, match=r"task 'ghost'.*is not what"):
         await sched.start()
     assert not sched.running
+
+
+async def test_shutdown_stops_running_tasks_after_the_shutdown_timeout() -> None:
+    sched = Scheduler(
+        config(workers=1, shutdown_timeout=0.3, mistrigger_grace_time=None),
+        tasks=[spec(tasks.hang, "hangs")],
+    )
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    await recorder.wait(lambda: (s := sched.statistics()) is not None and s.running == 1)
+    asyncz = sched.asyncz
+    assert asyncz is not None
+    await asyncio.wait_for(sched.shutdown(), 20)
+    (event,) = recorder.matching(TASK_ERROR, "hangs")
+    assert isinstance(event.exception, corral.JobCancelledError)
+    assert "still running at shutdown" in str(event.exception)
+    assert dict(asyncz.instances) == {}

@@ -42,6 +42,9 @@ class SchedulerConfig(PoolSettings):
     ``"asyncio"`` (the app's event loop). A task can choose its own."""
     modules: tuple[str, ...] = ()
     """Modules to import at start so that their ``@scheduler`` tasks are registered."""
+    shutdown_timeout: Annotated[float, Field(ge=0)] | None = 30.0
+    """Seconds running tasks may take to finish at shutdown; then they are stopped (SIGTERM,
+    ``kill_grace``, SIGKILL) and reported cancelled. ``None`` waits for them."""
 
     _scheduler: Any = PrivateAttr(default=None)
 

@@ -121,8 +121,15 @@ class Scheduler:
             cfg.workers if "process" in kinds else 0,
         )
 
-    async def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop scheduling; let running jobs finish (up to ``timeout``), or kill them now."""
+    async def shutdown(self, wait: bool = True, timeout: float | None = DEFAULT) -> None:
+        """Stop scheduling; let running jobs finish, or kill them now (``wait=False``).
+
+        Args:
+            wait: Let running jobs finish, up to ``timeout``.
+            timeout: Seconds to wait; default: the config's ``shutdown_timeout``.
+        """
+        if timeout is DEFAULT:
+            timeout = self.config.shutdown_timeout
         scheduler_, self.asyncz = self.asyncz, None
         if scheduler_ is None:
             return
