@@ -36,7 +36,7 @@ def test_isolation_example_shows_each_fault_costing_only_its_job() -> None:
 def test_readme_quick_start_commands_are_the_ones_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
-    assert commands[0] == "python -m pip install . && python docs/examples/isolation.py"
+    assert commands[0] == "python -m pip install . && corral run corral.demo --duration 30"
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 

@@ -143,6 +143,11 @@ class Scheduler:
         await asyncio.sleep(0)  # let events queued from the pool's thread reach listeners
         logger.info("corral scheduler stopped")
 
+    def kill_running(self) -> None:
+        """Stop running jobs now (a second Ctrl-C); a shutdown in progress then completes."""
+        if self._process_executor is not None:
+            self._process_executor.shutdown(wait=False)
+
     async def __aenter__(self) -> Scheduler:
         await self.start()
         return self
@@ -190,8 +195,9 @@ class Scheduler:
         return lifespan
 
     def statistics(self) -> PoolStatistics | None:
-        """The worker pool's statistics, or ``None`` when no pool is running."""
-        if self.asyncz is None or self._process_executor is None:
+        """The worker pool's statistics (after shutdown: its final counters, no workers), or
+        ``None`` if no pool was started."""
+        if self._process_executor is None:
             return None
         return self._process_executor.statistics()
 

@@ -1,0 +1,247 @@
+"""The ``corral`` command: ``corral run`` and ``corral check``.
+
+Errors a user can make (a module that does not import, no tasks, a bad option) end with one line
+on stderr and exit status 2; ``check`` exits 1 when a task has a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import ValidationError
+
+from corral._config import EXECUTOR_KINDS, SchedulerConfig
+from corral._decorator import TaskSpec, next_run_times, registered_tasks
+from corral._exceptions import CorralError
+from corral._pool._pool import DEFAULT, Pool
+from corral._pool._refs import reference_of, resolve
+from corral._runtime import Scheduler
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported in one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``corral`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        before = {spec.id for spec in registered_tasks()}
+        module = load(args.target)
+        config = _config(module, args)
+        specs = [
+            spec
+            for spec in registered_tasks()
+            if spec.is_enabled and (spec.id not in before or spec.fn.__module__ == module.__name__)
+        ]
+        if not specs:
+            raise UsageError(f"no @scheduler tasks found in {args.target!r}")
+        if args.command == "check":
+            return check(specs, config)
+        return run(specs, config, args)
+    except UsageError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description="Run scheduled tasks safely.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_ = commands.add_parser("run", help="run the tasks of a module until Ctrl-C or SIGTERM")
+    check_ = commands.add_parser("check", help="validate the tasks of a module without running")
+    for command in (run_, check_):
+        command.add_argument("target", help="a module name (app.tasks) or a file (app/tasks.py)")
+        command.add_argument("--timezone", help="time zone of cron and date triggers")
+    run_.add_argument("--workers", type=_positive_int, help="worker processes")
+    run_.add_argument("--executor", choices=EXECUTOR_KINDS, help="default executor of tasks")
+    run_.add_argument(
+        "--duration", type=_positive_float, help="stop after this many seconds (default: never)"
+    )
+    view = run_.add_mutually_exclusive_group()
+    view.add_argument(
+        "--live",
+        dest="live",
+        action="store_true",
+        default=None,
+        help="show the live view (default when stdout is a terminal)",
+    )
+    view.add_argument(
+        "--plain",
+        dest="live",
+        action="store_false",
+        help="print one log line per event instead of the live view",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def load(target: str) -> ModuleType:
+    """Import a module by name, or a ``.py`` file (its folder goes on ``sys.path``)."""
+    path = Path(target)
+    if target.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"no such file: {target!r}")
+        folder, name = str(path.resolve().parent), path.stem
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    else:
+        name = target
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise UsageError(f"cannot import {target!r}: no module named {exc.name!r}") from None
+        raise UsageError(f"cannot import {target!r}: {exc}") from None
+    except CorralError as exc:
+        raise UsageError(f"{target}: {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing {target!r} raised {type(exc).__name__}: {exc}") from None
+
+
+def _config(module: ModuleType, args: argparse.Namespace) -> SchedulerConfig:
+    """The module's ``scheduler_config`` if it has one, with the command line's options on top."""
+    base = getattr(module, "scheduler_config", None)
+    options: dict[str, Any] = {} if base is None else base.model_dump(exclude_unset=True)
+    if base is not None and not isinstance(base, SchedulerConfig):
+        raise UsageError(f"{args.target}: scheduler_config is {base!r}, not a SchedulerConfig")
+    options["enabled"] = True
+    for name in ("workers", "executor", "timezone"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    try:
+        return SchedulerConfig(**options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid settings: {problems}") from None
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def check(specs: list[TaskSpec], config: SchedulerConfig, count: int = 5) -> int:
+    """Validate every task; print its next run times. Exit status 1 if any task has a problem."""
+    from zoneinfo import ZoneInfo
+
+    problems: dict[str, str] = {}
+    in_workers: dict[str, str] = {}  # task id -> reference, for tasks that run in workers
+    for spec in specs:
+        kind = config.executor if spec.executor is DEFAULT else spec.executor
+        try:
+            spec.build_trigger(config.timezone)
+            if kind == "process":
+                in_workers[spec.id] = reference_of(spec.fn)
+        except CorralError as exc:
+            problems[spec.id] = str(exc)
+    worker_problems = _importable_in_a_worker(sorted(set(in_workers.values())), config)
+    for spec in specs:
+        problem = problems.get(spec.id) or worker_problems.get(in_workers.get(spec.id, ""))
+        if problem:
+            problems[spec.id] = problem
+            print(f"FAIL {spec.id}: {problem}")
+            continue
+        trigger = spec.build_trigger(config.timezone)
+        where = in_workers.get(spec.id, f"{spec.fn.__module__}:{spec.fn.__qualname__}")
+        print(f"ok   {spec.id} ({where}), next runs:")
+        for moment in next_run_times(trigger, ZoneInfo(config.timezone), count):
+            print(f"       {moment.isoformat()}")
+    print(f"{len(specs) - len(problems)} of {len(specs)} task(s) ok")
+    return 1 if problems else 0
+
+
+def _importable_in_a_worker(references: list[str], config: SchedulerConfig) -> dict[str, str]:
+    """Import each reference in a real worker process; return the problems by reference."""
+    if not references:
+        return {}
+    problems: dict[str, str] = {}
+    with Pool(workers=1, start_method=config.start_method, start_timeout=30) as pool:
+        futures = {ref: pool.submit(_resolves, ref, timeout=30) for ref in references}
+        for ref, future in futures.items():
+            try:
+                future.result()
+            except Exception as exc:  # the worker's own words
+                problems[ref] = f"a worker cannot import it: {exc}"
+    return problems
+
+
+def _resolves(reference: str) -> bool:
+    resolve(reference)
+    return True
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def run(specs: list[TaskSpec], config: SchedulerConfig, args: argparse.Namespace) -> int:
+    """Run the scheduler until Ctrl-C, SIGTERM or ``--duration``; drain, then exit 0."""
+    from corral._monitor import Monitor
+
+    live = sys.stdout.isatty() if args.live is None else args.live
+    scheduler = Scheduler(config, tasks=specs)
+    monitor = Monitor(scheduler, live=live)
+    try:
+        asyncio.run(_run(scheduler, monitor, args.duration))
+    except CorralError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+async def _run(scheduler: Scheduler, monitor: Any, duration: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            monitor.note(f"{sig.name}: finishing running tasks (again to stop them now)")
+            stop.set()
+        else:
+            monitor.note(f"{sig.name}: stopping running tasks now")
+            scheduler.kill_running()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await scheduler.start()
+        async with monitor:
+            try:
+                await asyncio.wait_for(stop.wait(), duration)
+            except TimeoutError:
+                monitor.note(f"--duration {duration:g}s reached: finishing running tasks")
+            await scheduler.shutdown()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
