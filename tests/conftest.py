@@ -82,3 +82,15 @@ def make_pool(start_method: str) -> Iterator[PoolFactory]:
 @pytest.fixture
 def pool(make_pool: PoolFactory) -> Pool:
     return make_pool()
+
+
+@pytest.fixture(autouse=True)
+def empty_task_registry() -> Iterator[None]:
+    """Each test starts with no declared task; modules imported at collection do declare some."""
+    from corral._decorator import _registry
+
+    saved = dict(_registry)
+    _registry.clear()
+    yield
+    _registry.clear()
+    _registry.update(saved)

@@ -19,17 +19,13 @@ from pathlib import Path
 import pytest
 
 from corral._cli import main
-from corral._decorator import _registry
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry() -> Iterator[None]:
-    before = dict(_registry)
+def fresh_task_modules() -> Iterator[None]:
     yield
-    _registry.clear()
-    _registry.update(before)
     for name in ("cli_tasks", "cli_stuck"):
         sys.modules.pop(name, None)
 

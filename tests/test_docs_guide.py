@@ -24,7 +24,7 @@ from asyncz.events.constants import TASK_EXECUTED
 from asgi import lifespan_of
 from conftest import assert_gone
 from corral import Pool, Scheduler, SchedulerConfig, TaskSpec
-from corral._decorator import _registry, next_run_times
+from corral._decorator import next_run_times
 from schedtools import Recorder
 
 pytestmark = pytest.mark.anyio
@@ -38,8 +38,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def load() -> Iterator[Any]:
-    """Import a guide module afresh; forget its tasks afterwards."""
-    before = dict(_registry)
+    """Import a guide module afresh (its tasks are forgotten after the test, see conftest)."""
     loaded: list[str] = []
 
     def load(name: str) -> ModuleType:
@@ -48,8 +47,6 @@ def load() -> Iterator[Any]:
         return importlib.import_module(name)
 
     yield load
-    _registry.clear()
-    _registry.update(before)
     for name in loaded:
         sys.modules.pop(name, None)
 

@@ -90,7 +90,9 @@ def test_config_reads_the_environment_but_code_wins(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CORRAL_ENABLED", "true")
     monkeypatch.setenv("CORRAL_MODULES", "tasks, jobs")
     monkeypatch.setenv("CORRAL_MAX_MEMORY", "256MiB")
+    monkeypatch.setenv("CORRAL_INITARGS", '["db.sqlite", 3]')
     cfg = SchedulerConfig()
+    assert cfg.initargs == ("db.sqlite", 3)
     assert (cfg.workers, cfg.enabled, cfg.modules) == (3, True, ("tasks", "jobs"))
     assert cfg.max_memory == 256 * 1024 * 1024
     assert SchedulerConfig(workers=5).workers == 5

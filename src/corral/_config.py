@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zoneinfo
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -57,7 +58,7 @@ class SchedulerConfig(PoolSettings):
         for name in cls.model_fields:
             value = os.environ.get(ENV_PREFIX + name.upper())
             if value is not None and name not in merged:
-                merged[name] = value
+                merged[name] = json.loads(value) if name == "initargs" else value
         return merged
 
     @field_validator("timezone")

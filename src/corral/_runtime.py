@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+import anyio.to_thread
 from asyncz.executors.types import ExecutorType
 from asyncz.schedulers.asyncio import NativeAsyncIOScheduler
 from asyncz.tasks.types import TaskType
@@ -193,6 +194,14 @@ class Scheduler:
                 await self.shutdown()
 
         return lifespan
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every worker of the pool has started; ``True`` if they did in time."""
+        executor = self._process_executor
+        if executor is None or executor.pool is None:
+            return self.running
+        pool = executor.pool
+        return await anyio.to_thread.run_sync(pool.wait_ready, timeout)
 
     def statistics(self) -> PoolStatistics | None:
         """The worker pool's statistics (after shutdown: its final counters, no workers), or

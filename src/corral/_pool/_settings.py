@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
@@ -46,8 +47,9 @@ class PoolSettings(BaseModel):
     """Seconds between RSS readings of busy workers."""
     queue_size: Annotated[int, Field(ge=1)] = 100_000
     """Most jobs that may wait for a worker; beyond it, submitting fails."""
-    initializer: str | None = None
-    """``"module:function"`` (or the function) run once in each worker before its first job."""
+    initializer: str | Callable[..., Any] | None = None
+    """``"module:function"`` (or the function) run once in each worker before its first job;
+    stored as its reference."""
     initargs: tuple[Any, ...] = ()
     """Arguments for the initializer."""
     start_timeout: Annotated[float, Field(gt=0)] = 60.0
@@ -67,3 +69,8 @@ class PoolSettings(BaseModel):
         if size <= 0:
             raise ValueError("must be a positive size such as 536870912 or '512MiB'")
         return size
+
+    @property
+    def initializer_reference(self) -> str | None:
+        """The initializer as ``"module:function"`` (the validator stores it that way)."""
+        return None if self.initializer is None else reference_of(self.initializer)

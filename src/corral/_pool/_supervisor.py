@@ -168,7 +168,7 @@ class Supervisor:
         self._start_error: WorkerStartError | None = None
         self._groups_to_kill: set[int] = set()
         self._options = msg.WorkerOptions(
-            initializer=settings.initializer,
+            initializer=settings.initializer_reference,
             initargs_bytes=pickle.dumps(settings.initargs),
             log_level=logging.getLogger().getEffectiveLevel(),
             parent_pid=os.getpid(),
