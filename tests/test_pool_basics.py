@@ -4,9 +4,11 @@ import asyncio
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import types
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -355,3 +357,46 @@ def test_every_exception_survives_pickling(error: corral.CorralError) -> None:
     assert copy.details == error.details
     for name, value in error.details.items():
         assert getattr(copy, name) == value
+
+
+LIGHT_MAIN = """
+import os, sys
+from pathlib import Path
+if __name__ != "__main__":  # imported again, in some other process
+    Path(sys.argv[1], f"main-imported-in-{os.getpid()}").touch()
+
+from corral import Pool
+
+def double(x):
+    return 2 * x
+
+if __name__ == "__main__":
+    with Pool(workers=1, start_method=sys.argv[2]) as pool:
+        worker = pool.submit(os.getpid).result(60)
+        before = sorted(p.name for p in Path(sys.argv[1]).iterdir())
+        print(worker, before, pool.submit(double, 21).result(60))
+        after = sorted(p.name for p in Path(sys.argv[1]).iterdir())
+        print(after)
+"""
+
+
+def test_workers_import_the_apps_main_module_only_when_a_job_needs_it(
+    start_method: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "app_main.py"
+    script.write_text(LIGHT_MAIN)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(script), str(markers), start_method],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    worker, before, value = first.split(" ")
+    assert before == "[]"  # neither the worker nor a forkserver ran the app's main module
+    assert value == "42"
+    assert second == f"['main-imported-in-{worker}']"

@@ -34,3 +34,4 @@ class WorkerOptions:
     log_level: int
     parent_pid: int
     watch_interval: float
+    main: tuple[str, str] | None  # how to load the parent's __main__, if a job needs it

@@ -57,6 +57,7 @@ from corral._exceptions import (
     WorkerDiedError,
     WorkerStartError,
 )
+from corral._pool import _launch
 from corral._pool import _messages as msg
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics, WorkerState, WorkerStatistics
@@ -173,7 +174,11 @@ class Supervisor:
             log_level=logging.getLogger().getEffectiveLevel(),
             parent_pid=os.getpid(),
             watch_interval=_WATCH_INTERVAL,
+            main=_launch.parent_main(),
         )
+        _launch.install()
+        if settings.start_method == "forkserver":
+            _launch.prefer_light_forkserver()
         self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
 
     # -- called from any thread ---------------------------------------------------------------
@@ -502,7 +507,9 @@ class Supervisor:
     def _spawn(self) -> bool:
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         process = self.context.Process(
-            target=worker_main, args=(child_conn, self._options), name=f"{self.name}-worker"
+            target=worker_main,
+            args=(child_conn, self._options),
+            name=f"{_launch.WORKER_NAME_PREFIX}{self.name}",
         )
         try:
             process.start()

@@ -23,6 +23,7 @@ from typing import Any
 
 from corral._exceptions import SerializationError
 from corral._pool import _messages as msg
+from corral._pool._launch import load_parent_main
 from corral._pool._refs import resolve
 
 
@@ -102,8 +103,11 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     channel = _Channel(conn)
     streams = _capture_output(channel)
     _capture_logging(channel, options.log_level)
+    main = _MainLoader(options.main)
     try:
         if options.initializer is not None:
+            if options.initializer.startswith("__main__:"):
+                main.load()
             initargs = pickle.loads(options.initargs_bytes)
             resolve(options.initializer)(*initargs)
     except BaseException:
@@ -119,7 +123,7 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
             break
         if frame == msg.STOP:
             break
-        reply, runner = _run_job(frame, runner)
+        reply, runner = _run_job(frame, runner, main)
         _flush(streams)
         channel.send(reply)
     _flush(streams)
@@ -128,10 +132,25 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     os._exit(0)
 
 
+class _MainLoader:
+    """Loads the parent's ``__main__`` once, the first time a job refers to it."""
+
+    def __init__(self, main: tuple[str, str] | None) -> None:
+        self.main = main
+        self.loaded = main is None
+
+    def load(self) -> None:
+        if not self.loaded:
+            self.loaded = True
+            load_parent_main(self.main)
+
+
 def _run_job(
-    frame: bytes, runner: asyncio.Runner | None
+    frame: bytes, runner: asyncio.Runner | None, main: _MainLoader
 ) -> tuple[tuple[Any, ...], asyncio.Runner | None]:
     try:
+        if b"__main__" in frame:
+            main.load()  # before unpickling: the arguments may be instances of its classes
         try:
             reference, args, kwargs = pickle.loads(frame)
         except Exception as exc:
