@@ -19,6 +19,8 @@ import os
 import pickle
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -26,9 +28,12 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 from typing import Any
 
-from corral import Pool, WorkerDiedError
+import psutil
+
+from corral import JobTimeoutError, Pool, WorkerDiedError
 
 WORKERS = 2
+MEMORY_JOBS = 100_000
 
 
 def noop() -> None:
@@ -129,6 +134,81 @@ def recovery_stdlib() -> float:
     return elapsed
 
 
+def ignore_sigterm_and_sleep() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def timeout_precision(timeout: float = 0.5, grace: float = 0.2) -> float:
+    """Seconds between the kill deadline (timeout + kill_grace) and the job's outcome."""
+    with Pool(workers=1, start_method="forkserver", kill_grace=grace) as pool:
+        pool.wait_ready(60)
+        pool.submit(noop).result()
+        begin = time.perf_counter()
+        future = pool.submit(ignore_sigterm_and_sleep, timeout=timeout)
+        with contextlib.suppress(JobTimeoutError):
+            future.result()
+        return time.perf_counter() - begin - timeout - grace
+
+
+def cold_start(kind: str) -> float:
+    """From creating a pool to its first job's result."""
+    begin = time.perf_counter()
+    if kind == "corral":
+        with Pool(workers=WORKERS, start_method="forkserver") as pool:
+            pool.submit(noop).result()
+    elif kind == "stdlib":
+        with ProcessPoolExecutor(
+            WORKERS, mp_context=multiprocessing.get_context("forkserver")
+        ) as ex:
+            ex.submit(noop).result()
+    else:
+        executor = _loky_executor()
+        executor.submit(noop).result()
+        executor.shutdown(wait=True, kill_workers=True)
+    return time.perf_counter() - begin
+
+
+def _loky_executor() -> Any:
+    from loky import get_reusable_executor
+
+    return get_reusable_executor(max_workers=WORKERS, reuse=False)
+
+
+def memory(jobs: int) -> dict[str, float]:
+    """Idle worker RSS, and the parent's RSS and open descriptors before and after ``jobs``."""
+    me = psutil.Process()
+    with Pool(workers=WORKERS, start_method="forkserver") as pool:
+        pool.wait_ready(60)
+        for _ in range(WORKERS * 50):
+            pool.submit(noop).result()
+        worker_rss = min(w.rss or 0 for w in pool.statistics().workers)
+        rss_before, fds_before = me.memory_info().rss, me.num_fds()
+        done = 0
+        while done < jobs:
+            batch = [pool.submit(noop) for _ in range(min(1000, jobs - done))]
+            for future in batch:
+                future.result()
+            done += len(batch)
+        rss_after, fds_after = me.memory_info().rss, me.num_fds()
+    bare = subprocess.Popen(
+        [sys.executable, "-c", "import corral._pool._worker, sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # let the interpreter settle before reading its RSS
+    bare_rss = psutil.Process(bare.pid).memory_info().rss
+    bare.communicate(b"")
+    return {
+        "idle_worker_rss_mib": worker_rss / 2**20,
+        "bare_interpreter_rss_mib": bare_rss / 2**20,
+        "parent_rss_growth_mib": (rss_after - rss_before) / 2**20,
+        "parent_fds_before": fds_before,
+        "parent_fds_after": fds_after,
+    }
+
+
 def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
 
@@ -153,8 +233,28 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     executor.shutdown()
     results["stdlib ProcessPoolExecutor"] = {**_latency(lat), "throughput": tput}
 
+    try:
+        loky = _loky_executor()
+        list(loky.map(noop_arg, range(WORKERS * 4)))
+        round_trips(lambda: loky.submit(noop).result(), 200)
+        lat = round_trips(lambda: loky.submit(noop).result(), latency_jobs)
+        tput = throughput(lambda: loky.submit(noop), lambda fs: [f.result() for f in fs], jobs)
+        loky.shutdown(wait=True, kill_workers=True)
+        results["loky (reusable executor)"] = {**_latency(lat), "throughput": tput}
+    except ImportError:
+        pass
+
     results["corral Pool"]["recovery"] = recovery_corral()
     results["stdlib ProcessPoolExecutor"]["recovery"] = recovery_stdlib()
+    for name, kind in (
+        ("corral Pool", "corral"),
+        ("stdlib ProcessPoolExecutor", "stdlib"),
+        ("loky (reusable executor)", "loky"),
+    ):
+        if name in results:
+            results[name]["cold_start"] = cold_start(kind)
+    results["corral Pool"]["timeout_overshoot"] = timeout_precision()
+    results["corral Pool"].update(memory(MEMORY_JOBS))
     return results
 
 
@@ -191,8 +291,22 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
         if "throughput" in m:
             tput = m["throughput"]
             row += f" {tput[0]:>9.0f} {tput[0] / stdlib['throughput'][0]:>9.2f}x"
+        if "recovery" in m:
             row += f" {m['recovery'][0] * 1000:>7.1f} ms"
+        if "cold_start" in m:
+            row += f"  cold start {m['cold_start'][0] * 1000:.0f} ms"
         lines.append(row)
+    corral = combined["corral Pool"]
+    lines.append(
+        f"corral: timeout kill overshoot (job ignores SIGTERM, timeout 0.5 s + kill_grace 0.2 s): "
+        f"{corral['timeout_overshoot'][0] * 1000:.1f} ms"
+    )
+    lines.append(
+        f"corral: idle worker RSS {corral['idle_worker_rss_mib'][0]:.1f} MiB (bare interpreter "
+        f"importing the worker module: {corral['bare_interpreter_rss_mib'][0]:.1f} MiB); parent "
+        f"RSS growth over {MEMORY_JOBS} jobs {corral['parent_rss_growth_mib'][0]:.1f} MiB; "
+        f"open fds {corral['parent_fds_before'][0]:.0f} -> {corral['parent_fds_after'][0]:.0f}"
+    )
     lines.append("medians of the repeated runs; min-max ranges are in the JSON output")
     return "\n".join(lines)
 

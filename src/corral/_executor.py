@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,6 +78,9 @@ class ProcessExecutor(BaseExecutor):
         self.pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log = logging.getLogger("corral.executor")
+        self._inbox: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_scheduled = False
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -155,7 +159,7 @@ class ProcessExecutor(BaseExecutor):
                 scheduled_run_time=run_time,
                 return_value=future.result(),
             )
-            self._log.info("Task %r (run at %s) executed in a worker", run.task_id, run_time)
+            self._log.debug("Task %r (run at %s) executed in a worker", run.task_id, run_time)
         elif isinstance(error, JobMissedError):
             event = _missed_event(run, run_time)
         else:
@@ -191,15 +195,31 @@ class ProcessExecutor(BaseExecutor):
                 del self.instances[task_id]
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run ``callback`` on the scheduler's event loop, or here if it has none running."""
+        """Run ``callback`` on the scheduler's event loop, or here if it has none running.
+
+        Outcomes that arrive together are handed over in one batch: one wake-up of the loop,
+        not one per job.
+        """
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(callback, *args)
+        if loop is None or loop.is_closed():
+            callback(*args)
+            return
+        with self._inbox_lock:
+            self._inbox.append((callback, args))
+            if self._inbox_scheduled:
                 return
-            except RuntimeError:  # the loop closed in between
-                pass
-        callback(*args)
+            self._inbox_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._drain_inbox)
+        except RuntimeError:  # the loop closed in between
+            self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        for callback, args in batch:
+            callback(*args)
 
     def _timeout_of(self, task: TaskType) -> float | None:
         if task.id in self.task_timeouts:

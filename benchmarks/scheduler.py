@@ -1,0 +1,318 @@
+"""corral through asyncz, side by side with asyncz's own executors, in one run.
+
+    python benchmarks/scheduler.py [--tasks 20000] [--repeat 3] [--json FILE] [--plot FILE]
+
+For each executor (corral's ProcessExecutor; asyncz's AsyncIOExecutor, ThreadPoolExecutor and
+ProcessPoolExecutor), on an AsyncIOScheduler in this process, with 2 workers where there is a pool:
+- throughput: ``--tasks`` no-op tasks due now, until every outcome event has arrived;
+- latency: from a run's due time to its start in the executor, and to its outcome event;
+- app loop lag while two CPU-bound sync tasks and two CPU-bound ``async def`` tasks run
+  (p99 and max, and the lag over time for ``--plot``);
+- recovery: from a task that kills its worker to the next run of another task succeeding.
+Medians of ``--repeat`` runs with min-max; ratios against asyncz's ThreadPoolExecutor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MISSED
+from asyncz.executors import AsyncIOExecutor, ProcessPoolExecutor, ThreadPoolExecutor
+from asyncz.schedulers import AsyncIOScheduler
+from asyncz.triggers import DateTrigger
+
+from corral import ProcessExecutor
+
+WORKERS = 2
+UTC = UTC
+EXECUTORS: dict[str, Callable[[], Any]] = {
+    "corral ProcessExecutor": lambda: ProcessExecutor(workers=WORKERS),
+    "asyncz AsyncIOExecutor": AsyncIOExecutor,
+    "asyncz ThreadPoolExecutor": lambda: ThreadPoolExecutor(max_workers=WORKERS),
+    "asyncz ProcessPoolExecutor": lambda: ProcessPoolExecutor(max_workers=WORKERS),
+}
+BASELINE = "asyncz ThreadPoolExecutor"
+
+
+def noop() -> None:
+    return None
+
+
+def started_at() -> float:
+    return time.time()
+
+
+def burn(seconds: float) -> int:
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+async def burn_async(seconds: float) -> int:
+    return burn(seconds)  # CPU-bound, never awaits: the worst case for an event loop
+
+
+def die() -> None:
+    os._exit(1)
+
+
+class Outcomes:
+    """Counts outcome events and wakes a waiter when enough have arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, Any]] = []
+        self.wanted = 0
+        self.enough = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, event: Any) -> None:
+        self.events.append((time.time(), event))
+        if len(self.events) >= self.wanted:
+            self.loop.call_soon_threadsafe(self.enough.set)
+
+    async def wait(self, count: int, timeout: float) -> bool:
+        self.wanted = count
+        if len(self.events) >= count:
+            return True
+        self.enough.clear()
+        try:
+            await asyncio.wait_for(self.enough.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+async def started(make: Callable[[], Any]) -> tuple[AsyncIOScheduler, Outcomes]:
+    scheduler = AsyncIOScheduler(
+        executors={"default": make()},
+        task_defaults={"mistrigger_grace_time": 3600, "coalesce": False, "max_instances": 1},
+    )
+    outcomes = Outcomes()
+    scheduler.add_listener(outcomes, TASK_EXECUTED | TASK_ERROR | TASK_MISSED)
+    scheduler.start(paused=True)
+    return scheduler, outcomes
+
+
+async def stop(scheduler: AsyncIOScheduler) -> None:
+    scheduler.shutdown(wait=True)
+    await asyncio.sleep(0.05)  # asyncz shuts down on its loop
+
+
+def at(moment: datetime) -> DateTrigger:
+    return DateTrigger(run_at=moment)
+
+
+async def throughput(make: Callable[[], Any], count: int) -> float:
+    scheduler, outcomes = await started(make)
+    now = datetime.now(UTC)
+    for i in range(count):
+        scheduler.add_task(noop, trigger=at(now), id=f"noop-{i}")
+    begin = time.perf_counter()
+    scheduler.resume()
+    done = await outcomes.wait(count, timeout=300)
+    elapsed = time.perf_counter() - begin
+    await stop(scheduler)
+    return count / elapsed if done else float("nan")
+
+
+async def latency(make: Callable[[], Any], count: int = 200) -> dict[str, float]:
+    scheduler, outcomes = await started(make)
+    first = datetime.now(UTC) + timedelta(seconds=1)
+    for i in range(count):
+        due = first + timedelta(milliseconds=20 * i)
+        scheduler.add_task(started_at, trigger=at(due), id=f"latency-{i}")
+    scheduler.resume()
+    await outcomes.wait(count, timeout=120)
+    await stop(scheduler)
+    to_start, to_event = [], []
+    for seen, event in outcomes.events:
+        due = event.scheduled_run_time.timestamp()
+        if event.code == TASK_EXECUTED and isinstance(event.return_value, float):
+            to_start.append(event.return_value - due)
+        to_event.append(seen - due)
+    return {
+        "start_median_ms": _ms(statistics.median(to_start)) if to_start else float("nan"),
+        "start_p99_ms": _ms(_p99(to_start)) if to_start else float("nan"),
+        "event_median_ms": _ms(statistics.median(to_event)),
+        "event_p99_ms": _ms(_p99(to_event)),
+    }
+
+
+async def loop_lag(
+    make: Callable[[], Any], seconds: float = 3.0
+) -> tuple[dict[str, float], list[float]]:
+    scheduler, outcomes = await started(make)
+    now = datetime.now(UTC)
+    for i in range(2):
+        scheduler.add_task(burn, args=(seconds,), trigger=at(now), id=f"cpu-sync-{i}")
+        scheduler.add_task(burn_async, args=(seconds,), trigger=at(now), id=f"cpu-async-{i}")
+    lags: list[float] = []
+    scheduler.resume()
+    end = time.monotonic() + seconds + 0.5
+    while time.monotonic() < end:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append(time.monotonic() - before - 0.01)
+    await outcomes.wait(4, timeout=60)
+    await stop(scheduler)
+    return {"lag_p99_ms": _ms(_p99(lags)), "lag_max_ms": _ms(max(lags))}, lags
+
+
+async def recovery(make: Callable[[], Any]) -> float:
+    """Seconds from a run that kills its worker to the next run that succeeds (nan: none in
+    10 s). The probes are due 0.2 s after the crash, then every 0.5 s."""
+    scheduler, outcomes = await started(make)
+    scheduler.resume()
+    scheduler.add_task(noop, trigger=at(datetime.now(UTC)), id="warm")
+    await outcomes.wait(1, timeout=60)
+    crash_at = datetime.now(UTC) + timedelta(seconds=0.1)
+    scheduler.add_task(die, trigger=at(crash_at), id="crash")
+    for i in range(20):
+        due = crash_at + timedelta(seconds=0.2 + 0.5 * i)
+        scheduler.add_task(noop, trigger=at(due), id=f"probe-{i}")
+    deadline = time.monotonic() + 12
+    recovered = float("nan")
+    while time.monotonic() < deadline:
+        await outcomes.wait(len(outcomes.events) + 1, timeout=max(0.0, deadline - time.monotonic()))
+        ok = [
+            seen
+            for seen, e in outcomes.events
+            if e.code == TASK_EXECUTED and e.task_id.startswith("probe-")
+        ]
+        if ok:
+            recovered = min(ok) - crash_at.timestamp()
+            break
+    with contextlib.suppress(Exception):  # asyncz's broken process pool may fail to shut down
+        await asyncio.wait_for(stop(scheduler), 10)
+    return recovered
+
+
+async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    results: dict[str, dict[str, float]] = {}
+    lag_series: dict[str, list[float]] = {}
+    for name, make in EXECUTORS.items():
+        row: dict[str, float] = {"throughput": await throughput(make, tasks)}
+        row.update(await latency(make))
+        lag, series = await loop_lag(make)
+        row.update(lag)
+        lag_series[name] = series
+        # In-process executors run the crash in this process: it would end the benchmark (and the
+        # app), so there is nothing to recover; reported as never.
+        in_process = name in ("asyncz AsyncIOExecutor", "asyncz ThreadPoolExecutor")
+        row["recovery_s"] = float("nan") if in_process else await recovery(make)
+        results[name] = row
+    return results, lag_series
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * 0.99) - 1)]
+
+
+def combine(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    combined: dict[str, dict[str, list[float]]] = {}
+    for name in runs[0]:
+        combined[name] = {}
+        for metric in runs[0][name]:
+            values = [run[name][metric] for run in runs]
+            known = [v for v in values if v == v] or [float("nan")]
+            combined[name][metric] = [statistics.median(known), min(known), max(known)]
+    return combined
+
+
+def table(combined: dict[str, dict[str, list[float]]]) -> str:
+    base = combined[BASELINE]
+    header = (
+        f"{'':28}{'tasks/s':>9}{'vs thread':>10}{'start p50':>10}{'start p99':>10}"
+        f"{'event p50':>10}{'event p99':>10}{'lag p99':>9}{'lag max':>9}{'lag vs thr':>11}"
+        f"{'recovery':>10}"
+    )
+    lines = [
+        header,
+        f"{'':28}{'':9}{'':10}{'(ms)':>10}{'(ms)':>10}{'(ms)':>10}{'(ms)':>10}"
+        f"{'(ms)':>9}{'(ms)':>9}{'':11}{'(s)':>10}",
+    ]
+    for name, m in combined.items():
+        lag_ratio = (
+            base["lag_p99_ms"][0] / m["lag_p99_ms"][0] if m["lag_p99_ms"][0] else float("inf")
+        )
+        lines.append(
+            f"{name:28}{m['throughput'][0]:>9.0f}"
+            f"{m['throughput'][0] / base['throughput'][0]:>9.2f}x"
+            f"{m['start_median_ms'][0]:>10.2f}{m['start_p99_ms'][0]:>10.2f}"
+            f"{m['event_median_ms'][0]:>10.2f}{m['event_p99_ms'][0]:>10.2f}"
+            f"{m['lag_p99_ms'][0]:>9.1f}{m['lag_max_ms'][0]:>9.1f}{lag_ratio:>10.1f}x"
+            f"{m['recovery_s'][0]:>10.3f}"
+        )
+    lines.append("medians of the repeated runs (min-max in the JSON); 'lag vs thr': how many times")
+    lines.append(
+        "lower the app loop's p99 lag is than with asyncz's ThreadPoolExecutor; recovery nan:"
+    )
+    lines.append("never (in-process executors: the crash ends the app itself)")
+    return "\n".join(lines)
+
+
+def plot(series: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    for name, lags in series.items():
+        axis.plot([i * 0.01 for i in range(len(lags))], [lag * 1000 for lag in lags], label=name)
+    axis.set_yscale("symlog", linthresh=1)
+    axis.set_xlabel("seconds since two CPU-bound sync and two CPU-bound async tasks started")
+    axis.set_ylabel("app event loop lag (ms)")
+    axis.set_title("App loop lag while CPU-heavy tasks run, per executor")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--plot", help="write the loop-lag plot (PNG) to this file")
+    args = parser.parse_args()
+    runs: list[dict[str, dict[str, float]]] = []
+    series: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        results, series = asyncio.run(measure(args.tasks))
+        runs.append(results)
+    combined = combine(runs)
+    print(
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers, "
+        f"{args.tasks} tasks, {args.repeat} runs"
+    )
+    print(table(combined))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {"machine": platform.platform(), "cpus": os.cpu_count(), "results": combined},
+                out,
+                indent=2,
+            )
+    if args.plot:
+        plot(series, args.plot)
+
+
+if __name__ == "__main__":
+    main()
