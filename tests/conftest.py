@@ -14,6 +14,15 @@ from corral import Pool
 START_METHODS = ["forkserver", "spawn"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-jobs",
+        type=int,
+        default=2000,
+        help="jobs in the soak tests (the default keeps them near a minute)",
+    )
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Return ``predicate()``'s first truthy value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -238,3 +239,16 @@ def return_fault_on_dump(how: str) -> FaultOnDump:
 
 def return_fault_on_load(how: str) -> FaultOnLoad:
     return FaultOnLoad(how)
+
+
+def open_descriptors() -> list[str]:
+    """What this process has open: descriptor number and target."""
+    found = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        with contextlib.suppress(OSError):
+            found.append(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
+    return found
+
+
+def big_result(megabytes: int) -> bytes:
+    return b"x" * (megabytes * 1024 * 1024)

@@ -254,3 +254,14 @@ def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Pat
     finally:
         parent.kill()
         parent.wait(10)
+
+
+def test_an_initializer_that_cannot_be_imported_is_a_start_failure_not_a_spin() -> None:
+    pool = Pool(workers=1, initializer="no_such_module:setup", start_method="forkserver")
+    pool.start()
+    try:
+        with pytest.raises(WorkerStartError, match="No module named 'no_such_module'"):
+            pool.submit(jobs.add, 1, 2).result(30)
+        assert 3 <= pool.statistics().start_failures <= 6
+    finally:
+        pool.shutdown(wait=True, timeout=5)

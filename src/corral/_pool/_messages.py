@@ -35,3 +35,4 @@ class WorkerOptions:
     parent_pid: int
     watch_interval: float
     main: tuple[str, str] | None  # how to load the parent's __main__, if a job needs it
+    max_result_size: int | None

@@ -43,6 +43,9 @@ class PoolSettings(BaseModel):
     max_memory: int | str | None = None
     """RSS limit per worker (bytes, or text such as ``"512MiB"``, read as bytes); ``None`` for
     no limit."""
+    max_result_size: int | str | None = Field(default="256MiB", validate_default=True)
+    """Largest pickled result a job may return (bytes, or text such as ``"64MiB"``); a larger
+    one fails that job with a ``SerializationError`` in the worker; ``None`` for no limit."""
     memory_check_interval: Annotated[float, Field(gt=0)] = 0.2
     """Seconds between RSS readings of busy workers."""
     queue_size: Annotated[int, Field(ge=1)] = 100_000
@@ -60,9 +63,9 @@ class PoolSettings(BaseModel):
     def _initializer_reference(cls, value: Any) -> Any:
         return None if value is None else reference_of(value)
 
-    @field_validator("max_memory")
+    @field_validator("max_memory", "max_result_size")
     @classmethod
-    def _memory_bytes(cls, value: int | str | None) -> int | None:
+    def _size_in_bytes(cls, value: int | str | None) -> int | None:
         if value is None:
             return None
         size = int(_BYTES.validate_python(value))

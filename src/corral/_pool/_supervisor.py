@@ -175,6 +175,7 @@ class Supervisor:
             parent_pid=os.getpid(),
             watch_interval=_WATCH_INTERVAL,
             main=_launch.parent_main(),
+            max_result_size=settings.max_result_size,  # type: ignore[arg-type]
         )
         _launch.install()
         if settings.start_method == "forkserver":
@@ -455,6 +456,7 @@ class Supervisor:
                 _killpg(worker.pid, signal.SIGKILL)
             self._at(time.monotonic() + 0.005, lambda: self._reap(worker, since))
             return
+        worker.process.close()  # its sentinel now; timers may hold the worker a while longer
         if worker.pid not in self._groups_to_kill:
             _killpg(worker.pid, signal.SIGKILL)  # the job's own children die with it
         del self._workers[worker.pid]

@@ -123,7 +123,7 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
             break
         if frame == msg.STOP:
             break
-        reply, runner = _run_job(frame, runner, main)
+        reply, runner = _run_job(frame, runner, main, options.max_result_size)
         _flush(streams)
         channel.send(reply)
     _flush(streams)
@@ -146,7 +146,7 @@ class _MainLoader:
 
 
 def _run_job(
-    frame: bytes, runner: asyncio.Runner | None, main: _MainLoader
+    frame: bytes, runner: asyncio.Runner | None, main: _MainLoader, max_result_size: int | None
 ) -> tuple[tuple[Any, ...], asyncio.Runner | None]:
     try:
         if b"__main__" in frame:
@@ -171,7 +171,7 @@ def _run_job(
     except BaseException as exc:  # a job's SystemExit is its outcome, not ours
         return _raised(exc), runner
     try:
-        return (msg.RETURNED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)), runner
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:
         error = SerializationError(
             f"the job's result {_short_repr(value)} could not be pickled: "
@@ -180,6 +180,15 @@ def _run_job(
             stage="result",
         )
         return _raised(error), runner
+    if max_result_size is not None and len(data) > max_result_size:
+        error = SerializationError(
+            f"the job's result {_short_repr(value)} is {len(data)} bytes pickled, over "
+            f"max_result_size={max_result_size}; write large data to a file or a database "
+            f"and return its location, or raise max_result_size",
+            stage="result",
+        )
+        return _raised(error), runner
+    return (msg.RETURNED, data), runner
 
 
 async def _await(awaitable: Any) -> Any:
