@@ -29,19 +29,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
+from bench_jobs import die, ignore_sigterm_and_sleep, noop, noop_arg
 
 from corral import JobTimeoutError, Pool, WorkerDiedError
 
 WORKERS = 2
 MEMORY_JOBS = 100_000
-
-
-def noop() -> None:
-    return None
-
-
-def die() -> None:
-    os._exit(1)
 
 
 def _echo_server(conn: Connection) -> None:
@@ -90,7 +83,7 @@ def throughput(submit: Callable[[], Any], wait: Callable[[list[Any]], object], c
 
 
 def corral_pool() -> Pool:
-    pool = Pool(workers=WORKERS, start_method="forkserver")
+    pool = Pool(workers=WORKERS, start_method="forkserver", preload=("bench_jobs",))
     pool.start()
     pool.wait_ready(60)
     return pool
@@ -102,12 +95,8 @@ def stdlib_pool() -> ProcessPoolExecutor:
     return pool
 
 
-def noop_arg(_: int) -> None:
-    return None
-
-
 def recovery_corral() -> float:
-    with Pool(workers=1, start_method="forkserver") as pool:
+    with Pool(workers=1, start_method="forkserver", preload=("bench_jobs",)) as pool:
         pool.wait_ready(60)
         pool.submit(noop).result()
         start = time.perf_counter()
@@ -132,13 +121,6 @@ def recovery_stdlib() -> float:
     elapsed = time.perf_counter() - start
     pool.shutdown()
     return elapsed
-
-
-def ignore_sigterm_and_sleep() -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(60)
 
 
 def timeout_precision(timeout: float = 0.5, grace: float = 0.2) -> float:

@@ -30,41 +30,20 @@ from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MISSED
 from asyncz.executors import AsyncIOExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from asyncz.schedulers import AsyncIOScheduler
 from asyncz.triggers import DateTrigger
+from bench_jobs import burn, burn_async, die, noop, started_at
 
 from corral import ProcessExecutor
 
 WORKERS = 2
 UTC = UTC
 EXECUTORS: dict[str, Callable[[], Any]] = {
-    "corral ProcessExecutor": lambda: ProcessExecutor(workers=WORKERS),
+    # preload: as corral's Scheduler does for its tasks' modules
+    "corral ProcessExecutor": lambda: ProcessExecutor(workers=WORKERS, preload=("bench_jobs",)),
     "asyncz AsyncIOExecutor": AsyncIOExecutor,
     "asyncz ThreadPoolExecutor": lambda: ThreadPoolExecutor(max_workers=WORKERS),
     "asyncz ProcessPoolExecutor": lambda: ProcessPoolExecutor(max_workers=WORKERS),
 }
 BASELINE = "asyncz ThreadPoolExecutor"
-
-
-def noop() -> None:
-    return None
-
-
-def started_at() -> float:
-    return time.time()
-
-
-def burn(seconds: float) -> int:
-    end, n = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
-        n += 1
-    return n
-
-
-async def burn_async(seconds: float) -> int:
-    return burn(seconds)  # CPU-bound, never awaits: the worst case for an event loop
-
-
-def die() -> None:
-    os._exit(1)
 
 
 class Outcomes:

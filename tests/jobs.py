@@ -252,3 +252,7 @@ def open_descriptors() -> list[str]:
 
 def big_result(megabytes: int) -> bytes:
     return b"x" * (megabytes * 1024 * 1024)
+
+
+def imported(module: str) -> bool:
+    return module in sys.modules

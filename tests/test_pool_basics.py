@@ -400,3 +400,37 @@ def test_workers_import_the_apps_main_module_only_when_a_job_needs_it(
     assert before == "[]"  # neither the worker nor a forkserver ran the app's main module
     assert value == "42"
     assert second == f"['main-imported-in-{worker}']"
+
+
+def test_preloaded_modules_are_imported_before_the_first_job(make_pool: PoolFactory) -> None:
+    pool = make_pool(workers=1, preload=("decimal",))
+    assert pool.submit(jobs.imported, "decimal").result(30) is True
+    plain = make_pool(workers=1)
+    assert plain.submit(jobs.imported, "fractions").result(30) is False
+
+
+def test_a_preload_that_fails_is_a_start_failure() -> None:
+    pool = Pool(workers=1, preload=("no_such_module_either",))
+    pool.start()
+    try:
+        with pytest.raises(corral.WorkerStartError, match="no_such_module_either"):
+            pool.submit(jobs.noop).result(30)
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+async def _scheduler_preloads_task_modules() -> corral.PoolSettings:
+    import tasks
+    from corral._decorator import make_spec
+
+    spec = make_spec(tasks.where, name="where", trigger="interval", hours=1)
+    scheduler = corral.Scheduler(corral.SchedulerConfig(enabled=True, workers=1), tasks=[spec])
+    async with scheduler:
+        executor = scheduler._process_executor
+        assert executor is not None
+        return executor.settings
+
+
+def test_the_scheduler_preloads_its_tasks_modules() -> None:
+    settings = asyncio.run(_scheduler_preloads_task_modules())
+    assert settings.preload == ("tasks",)

@@ -16,9 +16,11 @@ import pytest
 import jobs
 from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 from corral import (
+    CorralError,
     JobTimeoutError,
     MemoryLimitError,
     Pool,
+    PoolNotRunningError,
     RemoteError,
     SerializationError,
     WorkerDiedError,
@@ -265,3 +267,27 @@ def test_an_initializer_that_cannot_be_imported_is_a_start_failure_not_a_spin() 
         assert 3 <= pool.statistics().start_failures <= 6
     finally:
         pool.shutdown(wait=True, timeout=5)
+
+
+def test_a_supervisor_failure_fails_every_job_and_kills_every_worker(
+    make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = make_pool(workers=2)
+    running = pool.submit(jobs.sleep, 30)
+    wait_until(lambda: busy_pids(pool))
+    pids = worker_pids(pool)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the supervisor")
+
+    monkeypatch.setattr(supervisor, "_dispatch", broken)
+    waiting = pool.submit(jobs.add, 1, 2)  # wakes the supervisor, which then fails
+    for future in (running, waiting):
+        with pytest.raises(CorralError, match="supervisor failed"):
+            future.result(20)
+    assert supervisor.finished.wait(20)
+    assert_gone(pids)
+    with pytest.raises(PoolNotRunningError):
+        pool.submit(jobs.noop)

@@ -54,7 +54,7 @@ class ProcessExecutor(BaseExecutor):
         settings: Pool settings; keyword ``options`` (any :class:`PoolSettings` field, such as
             ``workers=4`` or ``timeout=60``) override its fields.
         shutdown_timeout: Seconds running jobs may take to finish when the scheduler shuts down
-            with ``wait=True``; ``None`` waits for them.
+            with ``wait=True``; past it they are stopped. ``None`` waits for them.
         task_timeouts: Per-task timeouts by task id (the ``@scheduler(timeout=...)`` of a task
             and the pool's ``timeout`` apply otherwise).
     """
@@ -63,7 +63,7 @@ class ProcessExecutor(BaseExecutor):
         self,
         settings: PoolSettings | None = None,
         *,
-        shutdown_timeout: float | None = None,
+        shutdown_timeout: float | None = 30.0,
         task_timeouts: dict[str, float | None] | None = None,
         **options: Any,
     ) -> None:

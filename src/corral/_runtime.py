@@ -230,7 +230,11 @@ class Scheduler:
 
     def _make_executor(self, kind: ExecutorKind) -> ExecutorType:
         if kind == "process":
-            self._process_executor = ProcessExecutor(self.config.pool_settings())
+            # Workers import the tasks' modules as they start, not on their first run.
+            modules = {spec.fn.__module__ for spec in self._specs() if self._kind(spec) == kind}
+            preload = tuple(sorted(set(self.config.preload) | modules))
+            settings = self.config.pool_settings().model_copy(update={"preload": preload})
+            self._process_executor = ProcessExecutor(settings)
             return self._process_executor
         if kind == "thread":
             return ThreadExecutor(max_workers=self.config.workers)

@@ -44,13 +44,15 @@ def parent_main() -> tuple[str, str] | None:
     return None
 
 
-def prefer_light_forkserver() -> None:
-    """Have a forkserver that is not running yet preload only the worker's module."""
+def prefer_light_forkserver(preload: tuple[str, ...] = ()) -> None:
+    """Have a forkserver that is not running yet preload only the worker's module (and the
+    pool's ``preload`` modules, but never the app's ``__main__``)."""
     context = multiprocessing.get_context("forkserver")
     from multiprocessing import forkserver
 
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
-        context.set_forkserver_preload(["corral._pool._worker"])
+        modules = ["corral._pool._worker", *(m for m in preload if m != "__main__")]
+        context.set_forkserver_preload(modules)
 
 
 def load_parent_main(main: tuple[str, str] | None) -> None:

@@ -36,3 +36,4 @@ class WorkerOptions:
     watch_interval: float
     main: tuple[str, str] | None  # how to load the parent's __main__, if a job needs it
     max_result_size: int | None
+    preload: tuple[str, ...]

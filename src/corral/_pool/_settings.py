@@ -53,6 +53,9 @@ class PoolSettings(BaseModel):
     initializer: str | Callable[..., Any] | None = None
     """``"module:function"`` (or the function) run once in each worker before its first job;
     stored as its reference."""
+    preload: tuple[str, ...] = ()
+    """Modules each worker imports when it starts, before its first job (``"__main__"``: the
+    app's main module). Workers otherwise import a job's module on its first use."""
     initargs: tuple[Any, ...] = ()
     """Arguments for the initializer."""
     start_timeout: Annotated[float, Field(gt=0)] = 60.0
@@ -77,3 +80,10 @@ class PoolSettings(BaseModel):
     def initializer_reference(self) -> str | None:
         """The initializer as ``"module:function"`` (the validator stores it that way)."""
         return None if self.initializer is None else reference_of(self.initializer)
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value

@@ -176,10 +176,11 @@ class Supervisor:
             watch_interval=_WATCH_INTERVAL,
             main=_launch.parent_main(),
             max_result_size=settings.max_result_size,  # type: ignore[arg-type]
+            preload=settings.preload,
         )
         _launch.install()
         if settings.start_method == "forkserver":
-            _launch.prefer_light_forkserver()
+            _launch.prefer_light_forkserver(settings.preload)
         self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
 
     # -- called from any thread ---------------------------------------------------------------

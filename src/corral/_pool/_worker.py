@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import io
 import logging
@@ -105,6 +106,11 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     _capture_logging(channel, options.log_level)
     main = _MainLoader(options.main)
     try:
+        for module in options.preload:
+            if module == "__main__":
+                main.load()
+            else:
+                importlib.import_module(module)
         if options.initializer is not None:
             if options.initializer.startswith("__main__:"):
                 main.load()
