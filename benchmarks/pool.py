@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 from bench_jobs import die, ignore_sigterm_and_sleep, noop, noop_arg
+from report import combine, p99
 
 from corral import JobTimeoutError, Pool, WorkerDiedError
 
@@ -244,19 +245,8 @@ def _latency(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {
         "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[int(len(ordered) * 0.99) - 1] * 1e6,
+        "p99_us": p99(ordered) * 1e6,
     }
-
-
-def combine(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
-    """Per metric: [median, min, max] over the repeated runs."""
-    combined: dict[str, dict[str, list[float]]] = {}
-    for name in runs[0]:
-        combined[name] = {}
-        for metric in runs[0][name]:
-            values = [run[name][metric] for run in runs]
-            combined[name][metric] = [statistics.median(values), min(values), max(values)]
-    return combined
 
 
 def table(combined: dict[str, dict[str, list[float]]]) -> str:

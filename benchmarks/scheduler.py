@@ -31,6 +31,7 @@ from asyncz.executors import AsyncIOExecutor, ProcessPoolExecutor, ThreadPoolExe
 from asyncz.schedulers import AsyncIOScheduler
 from asyncz.triggers import DateTrigger
 from bench_jobs import burn, burn_async, die, noop, started_at
+from report import combine, p99
 
 from corral import ProcessExecutor
 
@@ -122,9 +123,9 @@ async def latency(make: Callable[[], Any], count: int = 200) -> dict[str, float]
         to_event.append(seen - due)
     return {
         "start_median_ms": _ms(statistics.median(to_start)) if to_start else float("nan"),
-        "start_p99_ms": _ms(_p99(to_start)) if to_start else float("nan"),
+        "start_p99_ms": _ms(p99(to_start)) if to_start else float("nan"),
         "event_median_ms": _ms(statistics.median(to_event)),
-        "event_p99_ms": _ms(_p99(to_event)),
+        "event_p99_ms": _ms(p99(to_event)),
     }
 
 
@@ -145,7 +146,7 @@ async def loop_lag(
         lags.append(time.monotonic() - before - 0.01)
     await outcomes.wait(4, timeout=60)
     await stop(scheduler)
-    return {"lag_p99_ms": _ms(_p99(lags)), "lag_max_ms": _ms(max(lags))}, lags
+    return {"lag_p99_ms": _ms(p99(lags)), "lag_max_ms": _ms(max(lags))}, lags
 
 
 async def recovery(make: Callable[[], Any]) -> float:
@@ -198,22 +199,6 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, int(len(ordered) * 0.99) - 1)]
-
-
-def combine(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
-    combined: dict[str, dict[str, list[float]]] = {}
-    for name in runs[0]:
-        combined[name] = {}
-        for metric in runs[0][name]:
-            values = [run[name][metric] for run in runs]
-            known = [v for v in values if v == v] or [float("nan")]
-            combined[name][metric] = [statistics.median(known), min(known), max(known)]
-    return combined
-
-
 def table(combined: dict[str, dict[str, list[float]]]) -> str:
     base = combined[BASELINE]
     header = (
@@ -254,9 +239,14 @@ def plot(series: dict[str, list[float]], path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4))
     for name, lags in series.items():
-        axis.plot([i * 0.01 for i in range(len(lags))], [lag * 1000 for lag in lags], label=name)
+        # Each sample is taken when a 10 ms sleep returns: a blocked loop shows as one long gap.
+        moments, now = [], 0.0
+        for lag in lags:
+            now += 0.01 + lag
+            moments.append(now)
+        axis.plot(moments, [lag * 1000 for lag in lags], marker=".", markersize=3, label=name)
     axis.set_yscale("symlog", linthresh=1)
-    axis.set_xlabel("seconds since two CPU-bound sync and two CPU-bound async tasks started")
+    axis.set_xlabel("seconds since two CPU-bound sync and two CPU-bound async tasks were due")
     axis.set_ylabel("app event loop lag (ms)")
     axis.set_title("App loop lag while CPU-heavy tasks run, per executor")
     axis.legend()

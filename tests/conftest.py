@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import psutil
@@ -103,3 +106,18 @@ def empty_task_registry() -> Iterator[None]:
     yield
     _registry.clear()
     _registry.update(saved)
+
+
+@pytest.fixture
+def load() -> Iterator[Callable[[str], ModuleType]]:
+    """Import an example module afresh (its tasks are forgotten after the test)."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        sys.modules.pop(name, None)
+        loaded.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -220,3 +220,26 @@ def test_live_view_while_running_lists_each_worker_and_the_next_runs() -> None:
     text = asyncio.run(scenario())
     assert re.search(r"cli-tick\s*│\s*executed", text)
     assert re.search(r"cli-nightly\s*│\s*02:30:00", text)
+
+
+def test_sigint_drains_gracefully_and_exits_0() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    process = subprocess.Popen(
+        [*corral_command(), "run", "cli_tasks", "--plain"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        output = Output(process)
+        output.wait_for(r"task=cli-tick kind=executed")
+        process.send_signal(signal.SIGINT)
+        output.wait_for(r"SIGINT: finishing running tasks")
+        assert process.wait(timeout=30) == 0
+        assert not any("stopping running tasks now" in line for line in output.seen)
+    finally:
+        process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import itertools
 import json
 import logging
 import os
 import sqlite3
-import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -34,21 +31,6 @@ UTC = UTC
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def load() -> Iterator[Any]:
-    """Import a guide module afresh (its tasks are forgotten after the test, see conftest)."""
-    loaded: list[str] = []
-
-    def load(name: str) -> ModuleType:
-        sys.modules.pop(name, None)
-        loaded.append(name)
-        return importlib.import_module(name)
-
-    yield load
-    for name in loaded:
-        sys.modules.pop(name, None)
 
 
 def specs_of(module: ModuleType) -> list[TaskSpec]:

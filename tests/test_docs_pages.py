@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,20 +28,6 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def load() -> Iterator[Any]:
-    loaded: list[str] = []
-
-    def load(name: str) -> ModuleType:
-        sys.modules.pop(name, None)
-        loaded.append(name)
-        return importlib.import_module(name)
-
-    yield load
-    for name in loaded:
-        sys.modules.pop(name, None)
 
 
 async def test_asgi_lifespan_runs_the_pool_with_the_app(load: Any) -> None:

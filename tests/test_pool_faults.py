@@ -228,31 +228,36 @@ PARENT_SCRIPT = textwrap.dedent(
     from corral import Pool
 
     if __name__ == "__main__":
-        pool = Pool(workers=3, start_method={method!r})
+        pool = Pool(workers=4, start_method={method!r})
         pool.start()
         pool.submit(jobs.write_pid_and_spin, {d!r} + "/spin")
         pool.submit(jobs.write_pid_and_hang, {d!r} + "/sleep")
         pool.submit(jobs.ignore_sigterm_and_hang, {d!r} + "/ignore")
+        pool.submit(jobs.spawn_child_and_hang, {d!r} + "/grandchild")
         print("started", flush=True)
         time.sleep(600)
     """
 )
 
 
-def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Path) -> None:
+def test_workers_and_their_children_exit_when_the_parent_is_killed(
+    start_method: str, tmp_path: Path
+) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
         PARENT_SCRIPT.format(tests=str(Path(__file__).parent), method=start_method, d=str(tmp_path))
     )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL)
     try:
-        files = [tmp_path / name for name in ("spin", "sleep", "ignore")]
+        files = [tmp_path / name for name in ("spin", "sleep", "ignore", "grandchild")]
         wait_until(lambda: all(f.exists() and f.read_text() for f in files), timeout=30)
         pids = [int(f.read_text()) for f in files]
+        grandchild = pids[-1]
+        pids.append(psutil.Process(grandchild).ppid())  # the worker that started it
         assert all(psutil.pid_exists(pid) for pid in pids)
         parent.kill()
         parent.wait(10)
-        assert_gone(pids, timeout=3)
+        assert_gone(pids, timeout=3)  # workers busy in every way, and the job's own child
     finally:
         parent.kill()
         parent.wait(10)

@@ -84,7 +84,7 @@ def test_pool_soak_every_job_ends_in_the_outcome_its_fault_implies(
         max_memory="150MiB",
         memory_check_interval=0.05,
         queue_size=50,
-        max_jobs_per_worker=40,
+        max_jobs_per_worker=8,
     )
     pool.start()
     futures: list[tuple[str, Future[Any]]] = []

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from corral._pool._settings import PoolSettings
+from corral._pool._settings import PoolSettings, comma_separated
 
 if TYPE_CHECKING:
     from corral._pool._stats import PoolStatistics
@@ -75,9 +75,7 @@ class SchedulerConfig(PoolSettings):
     @field_validator("modules", mode="before")
     @classmethod
     def _module_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
+        return comma_separated(value)
 
     def pool_settings(self) -> PoolSettings:
         """The pool part of this configuration."""

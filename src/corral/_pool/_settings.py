@@ -84,6 +84,11 @@ class PoolSettings(BaseModel):
     @field_validator("preload", mode="before")
     @classmethod
     def _module_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
+        return comma_separated(value)
+
+
+def comma_separated(value: Any) -> Any:
+    """``"a, b"`` (as an environment variable gives it) -> ``("a", "b")``; anything else as is."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
