@@ -420,3 +420,17 @@ async def test_shutdown_stops_running_tasks_after_the_shutdown_timeout() -> None
     assert isinstance(event.exception, corral.JobCancelledError)
     assert "still running at shutdown" in str(event.exception)
     assert dict(asyncz.instances) == {}
+
+
+async def test_a_run_refused_by_a_full_queue_is_reported_not_dropped() -> None:
+    sched = Scheduler(
+        config(workers=1, queue_size=1, mistrigger_grace_time=None),
+        tasks=[spec(tasks.block, "hog", args=(1.0,), seconds=0.05, max_instances=5)],
+    )
+    async with sched:
+        recorder = Recorder().attach(sched)
+        (event, *_) = await recorder.count(TASK_ERROR, "hog", 1)
+        assert isinstance(event.exception, corral.QueueFullError)
+        asyncz = sched.asyncz
+        assert asyncz is not None
+    assert dict(asyncz.instances) == {}

@@ -25,6 +25,7 @@ from corral import (
     JobTimeoutError,
     MemoryLimitError,
     Pool,
+    PoolStatistics,
     QueueFullError,
     Scheduler,
     SchedulerConfig,
@@ -126,7 +127,9 @@ def test_pool_soak_every_job_ends_in_the_outcome_its_fault_implies(
     assert me.memory_info().rss - rss_before < 64 * 2**20
 
 
-async def _scheduler_soak(seconds: float) -> None:
+async def _scheduler_soak(
+    seconds: float,
+) -> tuple[list[Any], PoolStatistics, dict[str, int], list[int]]:
     specs = [
         make_spec(tasks.where, name="steady", trigger="interval", seconds=0.05, max_instances=2),
         make_spec(tasks.fail, name="raises", trigger="interval", seconds=0.1),
@@ -147,8 +150,16 @@ async def _scheduler_soak(seconds: float) -> None:
         await asyncio.sleep(seconds)  # let the soak run: the load is the point here
         asyncz, executor = scheduler.asyncz, scheduler._process_executor
         assert asyncz is not None and executor is not None and executor.pool is not None
-    stats = executor.pool.statistics()
-    outcomes = [e for e in recorder.events if e.code in (TASK_EXECUTED, TASK_ERROR, TASK_MISSED)]
+        pids = [w.pid for w in executor.pool.statistics().workers]
+    return recorder.events, executor.pool.statistics(), dict(asyncz.instances), pids
+
+
+def test_scheduler_soak_releases_every_instance_and_counts_every_outcome(
+    request: pytest.FixtureRequest,
+) -> None:
+    seconds = max(5.0, request.config.getoption("--soak-jobs") / 200)
+    events, stats, instances, pids = asyncio.run(_scheduler_soak(seconds))
+    outcomes = [e for e in events if e.code in (TASK_EXECUTED, TASK_ERROR, TASK_MISSED)]
     by_task = Counter((e.task_id, e.code) for e in outcomes)
     assert by_task[("steady", TASK_EXECUTED)] > 20
     assert by_task[("raises", TASK_ERROR)] > 5 and by_task[("raises", TASK_EXECUTED)] == 0
@@ -161,12 +172,6 @@ async def _scheduler_soak(seconds: float) -> None:
     errors = Counter(type(e.exception).__name__ for e in outcomes if e.code == TASK_ERROR)
     assert errors["WorkerDiedError"] == stats.crashed
     assert errors["JobTimeoutError"] == stats.timed_out
-    assert dict(asyncz.instances) == {}
+    assert instances == {}
     assert stats.workers == ()
-
-
-def test_scheduler_soak_releases_every_instance_and_counts_every_outcome(
-    request: pytest.FixtureRequest,
-) -> None:
-    seconds = max(5.0, request.config.getoption("--soak-jobs") / 200)
-    asyncio.run(_scheduler_soak(seconds))
+    assert_gone(pids)

@@ -141,9 +141,7 @@ class ProcessExecutor(BaseExecutor):
                 start_within=start_within,
                 label=run.task_id,
             )
-        except CorralError as exc:
-            if run.index == 0:
-                raise  # nothing started: asyncz reports the submission error itself
+        except CorralError as exc:  # a full queue, a pool shutting down: this run's outcome
             self._finish_one(run, _error_event(run, run_time, exc))
             return
         future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
