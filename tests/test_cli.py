@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import queue
@@ -130,15 +131,28 @@ def corral_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "corral"]
 
 
-def test_corral_run_demo_as_a_subprocess_stops_cleanly_on_sigterm() -> None:
+@contextlib.contextmanager
+def corral_run(*args: str) -> Iterator[tuple[subprocess.Popen[str], Output]]:
+    """``corral run ARGS --plain`` as a real subprocess (tests/ on its path), and its output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
     process = subprocess.Popen(
-        [*corral_command(), "run", "corral.demo", "--plain"],
+        [*corral_command(), "run", *args, "--plain"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=env,
     )
     try:
-        output = Output(process)
+        yield process, Output(process)
+    finally:
+        process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_corral_run_demo_as_a_subprocess_stops_cleanly_on_sigterm() -> None:
+    with corral_run("corral.demo") as (process, output):
         output.wait_for(r"event=outcome task=async kind=executed")
         output.wait_for(r"event=outcome task=crashes kind=crashed detail=.WorkerDiedError")
         process.send_signal(signal.SIGTERM)
@@ -146,24 +160,10 @@ def test_corral_run_demo_as_a_subprocess_stops_cleanly_on_sigterm() -> None:
         assert process.wait(timeout=30) == 0
         final = "".join(output.seen) + "".join(list(output.lines.queue))
         assert "event=status" in final
-    finally:
-        process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def test_a_second_signal_stops_running_tasks_now() -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
-    process = subprocess.Popen(
-        [*corral_command(), "run", "cli_stuck", "--plain"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        output = Output(process)
+    with corral_run("cli_stuck") as (process, output):
         output.wait_for(r"^started")
         process.send_signal(signal.SIGINT)
         output.wait_for(r"SIGINT: finishing running tasks")
@@ -171,11 +171,6 @@ def test_a_second_signal_stops_running_tasks_now() -> None:
         output.wait_for(r"SIGINT: stopping running tasks now")
         output.wait_for(r"task=cli-forever kind=cancelled")
         assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def test_run_live_view_shows_workers_outcomes_and_next_runs(
@@ -223,23 +218,9 @@ def test_live_view_while_running_lists_each_worker_and_the_next_runs() -> None:
 
 
 def test_sigint_drains_gracefully_and_exits_0() -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
-    process = subprocess.Popen(
-        [*corral_command(), "run", "cli_tasks", "--plain"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        output = Output(process)
+    with corral_run("cli_tasks") as (process, output):
         output.wait_for(r"task=cli-tick kind=executed")
         process.send_signal(signal.SIGINT)
         output.wait_for(r"SIGINT: finishing running tasks")
         assert process.wait(timeout=30) == 0
         assert not any("stopping running tasks now" in line for line in output.seen)
-    finally:
-        process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
