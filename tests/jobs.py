@@ -256,3 +256,9 @@ def big_result(megabytes: int) -> bytes:
 
 def imported(module: str) -> bool:
     return module in sys.modules
+
+
+def import_and_list_heavy(module: str) -> list[str]:
+    """Import ``module`` here, then name the scheduler-side packages this process has loaded."""
+    __import__(module)
+    return [name for name in ("asyncz", "pydantic", "rich", "ravyn") if name in sys.modules]

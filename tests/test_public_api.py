@@ -39,3 +39,12 @@ def test_a_worker_imports_neither_the_scheduler_nor_pydantic() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_worker_importing_a_task_module_stays_light() -> None:
+    import jobs
+    from corral import Pool
+
+    with Pool(workers=1) as pool:
+        assert pool.submit(jobs.import_and_list_heavy, "app_tasks").result(60) == []
+        assert pool.submit(jobs.imported, "app_tasks").result(60) is True

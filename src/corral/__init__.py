@@ -26,9 +26,10 @@ from corral._exceptions import (
 if TYPE_CHECKING:
     __version__: str
     from corral._config import SchedulerConfig
+    from corral._constants import DEFAULT
     from corral._decorator import TaskSpec, registered_tasks, scheduler
     from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
-    from corral._pool._pool import DEFAULT, Pool
+    from corral._pool._pool import Pool
     from corral._pool._settings import PoolSettings
     from corral._pool._stats import PoolStatistics, WorkerStatistics
     from corral._pool._supervisor import JobFuture
@@ -69,7 +70,7 @@ __all__ = [
 
 # Imported on first use, so that worker processes (which import this package) stay light.
 _LAZY = {
-    "DEFAULT": "corral._pool._pool",
+    "DEFAULT": "corral._constants",
     "Pool": "corral._pool._pool",
     "PoolSettings": "corral._pool._settings",
     "PoolStatistics": "corral._pool._stats",

@@ -19,10 +19,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from corral._config import EXECUTOR_KINDS, SchedulerConfig
+from corral._config import SchedulerConfig
+from corral._constants import DEFAULT, EXECUTOR_KINDS
 from corral._decorator import TaskSpec, next_run_times, registered_tasks
 from corral._exceptions import CorralError
-from corral._pool._pool import DEFAULT, Pool
+from corral._pool._pool import Pool
 from corral._pool._refs import reference_of, resolve
 from corral._runtime import Scheduler
 

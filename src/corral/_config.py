@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import os
 import zoneinfo
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from corral._constants import ExecutorKind
 from corral._pool._settings import PoolSettings, comma_separated
 
 if TYPE_CHECKING:
     from corral._pool._stats import PoolStatistics
     from corral._runtime import Scheduler
 
-ExecutorKind = Literal["process", "thread", "asyncio"]
-EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("process", "thread", "asyncio")
 ENV_PREFIX = "CORRAL_"
 
 

@@ -12,24 +12,20 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from asyncz.triggers import CronTrigger, DateTrigger, IntervalTrigger
-from asyncz.triggers.types import TriggerType
-
-from corral._config import EXECUTOR_KINDS, ExecutorKind
+from corral._constants import DEFAULT, EXECUTOR_KINDS, ExecutorKind
 from corral._exceptions import ConfigurationError, NotImportableError
-from corral._pool._pool import DEFAULT
+from corral._pool import _worker
 from corral._pool._refs import check_importable
+
+if TYPE_CHECKING:
+    from asyncz.triggers.types import TriggerType
 
 F = TypeVar("F", bound=Callable[..., Any])
 TriggerName = Literal["interval", "cron", "date"]
 
-_TRIGGERS: dict[str, type[TriggerType]] = {
-    "interval": IntervalTrigger,
-    "cron": CronTrigger,
-    "date": DateTrigger,
-}
+TRIGGER_NAMES = ("interval", "cron", "date")
 _ALIASES = {"date": {"run_date": "run_at"}}  # APScheduler's and Ravyn's name for asyncz's run_at
 _DURATIONS = ("weeks", "days", "hours", "minutes", "seconds")
 
@@ -106,6 +102,10 @@ def scheduler(
         ConfigurationError: an unknown trigger, a misspelt or invalid trigger argument, an
             invalid option, or a function that cannot run in a worker process.
     """
+    if _worker.RUNNING_IN_WORKER:
+        # A worker imports a task's module to run the function: it schedules nothing, so it
+        # neither validates again nor loads the scheduler's dependencies.
+        return _unchanged
     options = dict(
         name=name,
         trigger=trigger,
@@ -137,6 +137,10 @@ def scheduler(
         return fn
 
     return decorate
+
+
+def _unchanged(fn: F) -> F:
+    return fn
 
 
 def make_spec(
@@ -233,6 +237,8 @@ def build_trigger(
     trigger: str | TriggerType, trigger_args: Mapping[str, Any], timezone: str, label: str
 ) -> TriggerType:
     """Make an asyncz trigger, refusing what asyncz would silently misread."""
+    from asyncz.triggers.types import TriggerType
+
     if isinstance(trigger, TriggerType):
         if trigger_args:
             raise ConfigurationError(
@@ -240,12 +246,12 @@ def build_trigger(
                 f"instance; put them in the trigger instead"
             )
         return trigger
-    cls = _TRIGGERS.get(trigger) if isinstance(trigger, str) else None
-    if cls is None:
+    if trigger not in TRIGGER_NAMES:
         raise ConfigurationError(
             f"task {label!r}: unknown trigger {trigger!r}; expected one of "
-            f"{', '.join(repr(t) for t in _TRIGGERS)} or an asyncz trigger instance"
+            f"{', '.join(repr(t) for t in TRIGGER_NAMES)} or an asyncz trigger instance"
         )
+    cls = _trigger_class(trigger)
     args = _canonical_args(trigger, trigger_args, label)
     if trigger == "interval":
         _check_interval(args, label)
@@ -256,11 +262,22 @@ def build_trigger(
         raise ConfigurationError(f"task {label!r}: invalid {trigger} trigger: {exc}") from None
 
 
+def _trigger_class(name: str) -> type[TriggerType]:
+    from asyncz.triggers import CronTrigger, DateTrigger, IntervalTrigger
+
+    classes: dict[str, type[TriggerType]] = {
+        "interval": IntervalTrigger,
+        "cron": CronTrigger,
+        "date": DateTrigger,
+    }
+    return classes[name]
+
+
 def _canonical_args(trigger: str, trigger_args: Mapping[str, Any], label: str) -> dict[str, Any]:
     aliases = _ALIASES.get(trigger, {})
     accepted = [
         p
-        for p in inspect.signature(_TRIGGERS[trigger].__init__).parameters
+        for p in inspect.signature(_trigger_class(trigger).__init__).parameters
         if p not in ("self", "kwargs")
     ]
     args: dict[str, Any] = {}

@@ -25,9 +25,10 @@ from asyncz.executors.asyncio import AsyncIOExecutor as _AsynczAsyncIOExecutor
 from asyncz.executors.base import BaseExecutor, run_coroutine_task
 from asyncz.executors.pool import ThreadPoolExecutor as _AsynczThreadPoolExecutor
 
+from corral._constants import DEFAULT
 from corral._decorator import task_options
 from corral._exceptions import CorralError, JobMissedError, RemoteTraceback
-from corral._pool._pool import DEFAULT, Pool
+from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 

@@ -22,11 +22,11 @@ from asyncz.schedulers.asyncio import NativeAsyncIOScheduler
 from asyncz.tasks.types import TaskType
 from asyncz.triggers.types import TriggerType
 
-from corral._config import ExecutorKind, SchedulerConfig
+from corral._config import SchedulerConfig
+from corral._constants import DEFAULT, ExecutorKind
 from corral._decorator import TaskSpec, make_spec, registered_tasks
 from corral._exceptions import ConfigurationError, NotImportableError
 from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
-from corral._pool._pool import DEFAULT
 from corral._pool._refs import reference_of
 from corral._pool._stats import PoolStatistics
 

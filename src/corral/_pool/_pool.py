@@ -17,20 +17,12 @@ from typing import Any
 
 import anyio.to_thread
 
+from corral._constants import DEFAULT
 from corral._exceptions import PoolNotRunningError, SerializationError
 from corral._pool._refs import reference_of
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 from corral._pool._supervisor import Job, JobFuture, Supervisor
-
-
-class _Default:
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT: Any = _Default()
-"""Stands for "the pool's setting" where ``None`` means something else (no timeout)."""
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 _pool_names = itertools.count(1)

@@ -96,8 +96,14 @@ class _ChannelWriter(io.TextIOBase):
             self.channel.send((msg.OUTPUT, self.stream_name, text))
 
 
+RUNNING_IN_WORKER = False
+"""True in a worker process: ``@scheduler`` then leaves functions as they are and does nothing."""
+
+
 def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     """Entry point of a worker process."""
+    global RUNNING_IN_WORKER
+    RUNNING_IN_WORKER = True
     os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(options.parent_pid, options.watch_interval)
