@@ -262,3 +262,15 @@ def import_and_list_heavy(module: str) -> list[str]:
     """Import ``module`` here, then name the scheduler-side packages this process has loaded."""
     __import__(module)
     return [name for name in ("asyncz", "pydantic", "rich", "ravyn") if name in sys.modules]
+
+
+def write_half_a_frame_and_hang() -> None:
+    """Start a 1000-byte frame on the channel to the parent, write 10 bytes of it, then hang."""
+    import struct
+
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.write(int(fd), struct.pack("!i", 1000) + b"x" * 10)
+    while True:
+        time.sleep(0.05)

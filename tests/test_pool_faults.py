@@ -296,3 +296,15 @@ def test_a_supervisor_failure_fails_every_job_and_kills_every_worker(
     assert_gone(pids)
     with pytest.raises(PoolNotRunningError):
         pool.submit(jobs.noop)
+
+
+def test_a_worker_stopped_in_the_middle_of_a_message_cannot_stall_supervision(
+    make_pool: PoolFactory,
+) -> None:
+    pool = make_pool(workers=2, kill_grace=0.1)
+    stuck = pool.submit(jobs.write_half_a_frame_and_hang, timeout=0.5)
+    wait_until(lambda: busy_pids(pool))
+    assert pool.submit(jobs.sleep, 0.2).result(20) == 0.2  # the other worker goes on
+    with pytest.raises(JobTimeoutError):
+        stuck.result(20)  # and the deadline is still enforced
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3

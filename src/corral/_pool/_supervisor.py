@@ -28,13 +28,14 @@ import os
 import pickle
 import selectors
 import signal
+import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
@@ -108,6 +109,7 @@ class _Worker:
     kill_error: JobError | None = None
     start_error: str | None = None
     listening: bool = True  # its pipe is registered with the selector
+    inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
 
 
 @dataclass
@@ -365,16 +367,28 @@ class Supervisor:
                 self._memory_watch_armed = True
                 self._at(now + self.settings.memory_check_interval, self._check_memory)
 
-    def _on_message(self, worker: _Worker) -> None:
+    def _on_readable(self, worker: _Worker) -> None:
+        """Read what the worker's pipe holds (one read, never waiting), then each whole frame.
+
+        A frame a worker has only half written stays in ``worker.inbox``: a worker stopped in the
+        middle of a write can never stall supervision.
+        """
         if not worker.listening:
             return  # closed by _on_exit earlier in the same batch of events
         try:
-            data = worker.conn.recv_bytes()
-        except (EOFError, OSError):
+            data = os.read(worker.conn.fileno(), _READ_SIZE)
+        except OSError:
+            data = b""
+        if not data:
             self._selector.unregister(worker.conn)
             worker.listening = False
             return
-        message = pickle.loads(data)
+        worker.inbox += data
+        for frame in _frames(worker.inbox):
+            self._on_message(worker, frame)
+
+    def _on_message(self, worker: _Worker, frame: bytes) -> None:
+        message = pickle.loads(frame)
         tag = message[0]
         if tag == msg.LOG:
             self._emit_log(worker, message[1])
@@ -437,7 +451,7 @@ class Supervisor:
 
     def _on_exit(self, worker: _Worker) -> None:
         while worker.listening and _poll(worker.conn):
-            self._on_message(worker)  # a reply sent just before the exit still counts
+            self._on_readable(worker)  # a reply sent just before the exit still counts
         if worker.listening:
             self._selector.unregister(worker.conn)
             worker.listening = False
@@ -527,7 +541,9 @@ class Supervisor:
         assert process.pid is not None
         worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
         self._workers[worker.pid] = worker
-        self._selector.register(parent_conn, selectors.EVENT_READ, lambda: self._on_message(worker))
+        self._selector.register(
+            parent_conn, selectors.EVENT_READ, lambda: self._on_readable(worker)
+        )
         self._selector.register(
             process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(worker)
         )
@@ -807,6 +823,29 @@ def _killpg(pgid: int, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pgid, sig)
+
+
+_READ_SIZE = 1 << 16
+_HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header: the length
+_LONG_HEADER = struct.Struct("!Q")  # after a -1 header, for frames of 2 GiB and more
+
+
+def _frames(inbox: bytearray) -> list[bytes]:
+    """Take the whole ``Connection.send_bytes`` frames off the front of ``inbox``."""
+    frames = []
+    while len(inbox) >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(inbox)
+        start = _HEADER.size
+        if size == -1:
+            if len(inbox) < start + _LONG_HEADER.size:
+                break
+            (size,) = _LONG_HEADER.unpack_from(inbox, start)
+            start += _LONG_HEADER.size
+        if len(inbox) < start + size:
+            break
+        frames.append(bytes(inbox[start : start + size]))
+        del inbox[: start + size]
+    return frames
 
 
 def _poll(conn: Connection) -> bool:
