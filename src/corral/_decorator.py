@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -106,7 +106,8 @@ def scheduler(
         # A worker imports a task's module to run the function: it schedules nothing, so it
         # neither validates again nor loads the scheduler's dependencies.
         return _unchanged
-    options = dict(
+    declared = _declare(  # validated here, at the decorator line, before the function is known
+        name or id or "task",
         name=name,
         trigger=trigger,
         id=id,
@@ -118,20 +119,11 @@ def scheduler(
         args=args,
         kwargs=kwargs,
         is_enabled=is_enabled,
-        **trigger_args,
+        trigger_args=trigger_args,
     )
-    _validate(
-        name or id or "task",
-        trigger,
-        trigger_args,
-        max_instances,
-        mistrigger_grace_time,
-        executor,
-        timeout,
-    )  # at the decorator line, before the function is known
 
     def decorate(fn: F) -> F:
-        spec = make_spec(fn, **options)
+        spec = _bind(declared, fn)
         register(spec)
         fn.__corral_task__ = spec  # type: ignore[attr-defined]
         return fn
@@ -160,23 +152,57 @@ def make_spec(
     **trigger_args: Any,
 ) -> TaskSpec:
     """Validate a task declaration and return it (``@scheduler`` without the registry)."""
-    if not callable(fn):
-        raise ConfigurationError(f"a task needs a function, not {fn!r}")
-    reference = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-    label = name or id or reference
-    _validate(label, trigger, trigger_args, max_instances, mistrigger_grace_time, executor, timeout)
-    assert trigger is not None
-    if executor in (DEFAULT, "process"):
-        try:
-            check_importable(fn)
-        except NotImportableError as exc:
-            raise ConfigurationError(
-                f"task {label!r}: {exc} (or choose executor='thread' or 'asyncio')"
-            ) from None
+    declared = _declare(
+        name or id or _reference(fn),
+        name=name,
+        trigger=trigger,
+        id=id,
+        max_instances=max_instances,
+        coalesce=coalesce,
+        mistrigger_grace_time=mistrigger_grace_time,
+        executor=executor,
+        timeout=timeout,
+        args=args,
+        kwargs=kwargs,
+        is_enabled=is_enabled,
+        trigger_args=trigger_args,
+    )
+    return _bind(declared, fn)
+
+
+def _declare(
+    label: str,
+    *,
+    name: str | None,
+    trigger: str | TriggerType | None,
+    id: str | None,
+    max_instances: Any,
+    coalesce: Any,
+    mistrigger_grace_time: Any,
+    executor: Any,
+    timeout: Any,
+    args: Iterable[Any],
+    kwargs: Mapping[str, Any] | None,
+    is_enabled: bool,
+    trigger_args: Mapping[str, Any],
+) -> TaskSpec:
+    """Check a declaration once; the result waits for its function (see :func:`_bind`)."""
+    if trigger is None:
+        raise ConfigurationError(
+            f"task {label!r} needs a trigger: trigger='interval' (with e.g. hours=1), "
+            "trigger='cron' (with e.g. hour=9, minute=0) or trigger='date' (with run_date=...)"
+        )
+    _check_options(max_instances, mistrigger_grace_time, executor, timeout)
+    if timeout not in (DEFAULT, None) and executor in ("thread", "asyncio"):
+        raise ConfigurationError(
+            f"task {label!r}: timeout={timeout!r} needs executor='process'; a thread or the "
+            f"event loop cannot be stopped from outside"
+        )
+    build_trigger(trigger, trigger_args, "UTC", label)
     return TaskSpec(
-        fn=fn,
-        id=id or name or reference,
-        name=name or str(getattr(fn, "__name__", reference)),
+        fn=_unchanged,
+        id=id or "",
+        name=name or "",
         trigger=trigger,
         trigger_args=dict(trigger_args),
         args=tuple(args),
@@ -190,27 +216,25 @@ def make_spec(
     )
 
 
-def _validate(
-    label: str,
-    trigger: str | TriggerType | None,
-    trigger_args: Mapping[str, Any],
-    max_instances: Any,
-    grace: Any,
-    executor: Any,
-    timeout: Any,
-) -> None:
-    if trigger is None:
-        raise ConfigurationError(
-            f"task {label!r} needs a trigger: trigger='interval' (with e.g. hours=1), "
-            "trigger='cron' (with e.g. hour=9, minute=0) or trigger='date' (with run_date=...)"
-        )
-    _check_options(max_instances, grace, executor, timeout)
-    if timeout not in (DEFAULT, None) and executor in ("thread", "asyncio"):
-        raise ConfigurationError(
-            f"task {label!r}: timeout={timeout!r} needs executor='process'; a thread or the "
-            f"event loop cannot be stopped from outside"
-        )
-    build_trigger(trigger, trigger_args, "UTC", label)
+def _bind(declared: TaskSpec, fn: Callable[..., Any]) -> TaskSpec:
+    """The declared task, for ``fn``: its id and name default to the function's."""
+    if not callable(fn):
+        raise ConfigurationError(f"a task needs a function, not {fn!r}")
+    reference = _reference(fn)
+    if declared.executor in (DEFAULT, "process"):
+        try:
+            check_importable(fn)
+        except NotImportableError as exc:
+            raise ConfigurationError(
+                f"task {declared.name or declared.id or reference!r}: {exc} (or choose "
+                f"executor='thread' or 'asyncio')"
+            ) from None
+    return replace(
+        declared,
+        fn=fn,
+        id=declared.id or declared.name or reference,
+        name=declared.name or str(getattr(fn, "__name__", reference)),
+    )
 
 
 def register(spec: TaskSpec) -> None:

@@ -106,7 +106,7 @@ class Scheduler:
         specs = self._specs()
         _check_specs([spec for spec in specs if self._kind(spec) == "process"])
         kinds = {self._kind(spec) for spec in specs} | {self.config.executor}
-        executors = {self._alias(kind): self._make_executor(kind) for kind in kinds}
+        executors = {self._alias(kind): self._make_executor(kind, specs) for kind in kinds}
         cfg = self.config
         self.asyncz = NativeAsyncIOScheduler(
             timezone=cfg.timezone,
@@ -228,10 +228,10 @@ class Scheduler:
     def _alias(self, kind: ExecutorKind) -> str:
         return "default" if kind == self.config.executor else kind
 
-    def _make_executor(self, kind: ExecutorKind) -> ExecutorType:
+    def _make_executor(self, kind: ExecutorKind, specs: list[TaskSpec]) -> ExecutorType:
         if kind == "process":
             # Workers import the tasks' modules as they start, not on their first run.
-            modules = {spec.fn.__module__ for spec in self._specs() if self._kind(spec) == kind}
+            modules = {spec.fn.__module__ for spec in specs if self._kind(spec) == kind}
             preload = tuple(sorted(set(self.config.preload) | modules))
             settings = self.config.pool_settings().model_copy(update={"preload": preload})
             self._process_executor = ProcessExecutor(settings)
@@ -244,7 +244,7 @@ class Scheduler:
         assert self.asyncz is not None
         kind = self._kind(spec)
         if self._alias(kind) not in self.asyncz.executors:
-            self.asyncz.add_executor(self._make_executor(kind), self._alias(kind))
+            self.asyncz.add_executor(self._make_executor(kind, [spec]), self._alias(kind))
         if kind == "process":
             assert self._process_executor is not None
             timeout = self.config.timeout if spec.timeout is DEFAULT else spec.timeout

@@ -331,19 +331,21 @@ class Supervisor:
         for command in commands:
             command()
 
+    def _take_queued(self) -> Job | None:
+        """The next waiting job; jobs already ended (missed, cancelled) are dropped here."""
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.done:
+                self.counters.queued -= 1
+                return job
+        return None
+
     def _dispatch(self) -> None:
         if self._start_error is not None and not self._has_ready_worker():
-            while self._queue:
-                job = self._queue.popleft()
-                if not job.done:
-                    self.counters.queued -= 1
-                    self._resolve(job, self._start_error, "failed")
+            while (job := self._take_queued()) is not None:
+                self._resolve(job, self._start_error, "failed")
             return
-        while self._idle and self._queue:
-            job = self._queue.popleft()
-            if job.done:
-                continue
-            self.counters.queued -= 1
+        while self._idle and (job := self._take_queued()) is not None:
             if not job.running and not job.future.set_running_or_notify_cancel():
                 job.done = True
                 self.counters.cancelled += 1
@@ -481,7 +483,7 @@ class Supervisor:
             cause = worker.start_error or (
                 f"it exited with {_describe_exit(exitcode)} before it was ready"
             )
-            self._on_start_failure(worker, cause)
+            self._on_start_failure(f"worker {worker.pid} failed to start: {cause}")
         elif job is not None:
             error = worker.kill_error or WorkerDiedError(
                 f"worker {worker.pid} died while running job {job.id} ({job.reference}): "
@@ -532,9 +534,9 @@ class Supervisor:
             process.start()
         except Exception as exc:
             parent_conn.close()
-            self._failures_in_row += 1
-            self.counters.start_failures += 1
-            self._back_off(f"the process could not be started: {type(exc).__name__}: {exc}")
+            self._on_start_failure(
+                f"a worker process could not be started: {type(exc).__name__}: {exc}"
+            )
             return False
         finally:
             child_conn.close()
@@ -563,12 +565,10 @@ class Supervisor:
             )
             _killpg(worker.pid, signal.SIGKILL)
 
-    def _on_start_failure(self, worker: _Worker, cause: str) -> None:
+    def _on_start_failure(self, cause: str) -> None:
+        """Count a failed start and delay the next one (exponential back-off)."""
         self._failures_in_row += 1
         self.counters.start_failures += 1
-        self._back_off(f"worker {worker.pid} failed to start: {cause}")
-
-    def _back_off(self, cause: str) -> None:
         delay = min(_BACKOFF_FIRST * 2 ** (self._failures_in_row - 1), _BACKOFF_MAX)
         self._next_start_at = time.monotonic() + delay
         logger.error(
@@ -697,11 +697,7 @@ class Supervisor:
             return
         self._closing = True
         self._on_wake()  # take whatever was submitted before the pool stopped accepting
-        while self._queue:
-            job = self._queue.popleft()
-            if job.done:
-                continue
-            self.counters.queued -= 1
+        while (job := self._take_queued()) is not None:
             error = JobCancelledError(
                 f"job {job.id} ({job.reference}) was cancelled at shutdown before it started",
                 job_id=job.id,
