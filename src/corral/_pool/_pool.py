@@ -218,8 +218,9 @@ class Pool:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            if self._supervisor is not None and future.running():
-                self._kill(future)
+            supervisor = self._supervisor
+            if supervisor is not None and future.running():
+                supervisor.kill_job(future.job_id)
             raise
 
     def statistics(self) -> PoolStatistics:
@@ -227,11 +228,6 @@ class Pool:
         if self._supervisor is None:
             raise PoolNotRunningError(f"pool {self.name!r} is not started; call pool.start()")
         return self._supervisor.snapshot()
-
-    def _kill(self, future: JobFuture) -> None:
-        supervisor = self._supervisor
-        assert supervisor is not None
-        supervisor.kill_job(future.job_id)
 
     def _reference(self, fn: Callable[..., Any] | str) -> str:
         if isinstance(fn, str):
