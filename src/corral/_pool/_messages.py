@@ -1,28 +1,85 @@
-"""The messages between the supervisor and a worker.
+"""The messages between the supervisor and a worker, and how they are framed.
 
-Every message is one ``Connection.send_bytes`` frame on the worker's private pipe.
+Every message is one frame on the worker's private socket: a 4-byte big-endian length, then that
+many bytes (the framing of ``multiprocessing.Connection.send_bytes``). A frame's first byte is its
+tag. Several frames may travel in one write: the supervisor sends a worker a batch of jobs at once
+when jobs are waiting, and both sides read whatever has arrived and take the whole frames from it.
 
-Supervisor -> worker: a job frame, ``pickle((reference, args, kwargs))``, or ``STOP`` (an empty
-frame) meaning "exit now". A worker runs one job at a time, so no frame needs a job id: the
-supervisor knows which job each worker is running.
+Supervisor -> worker:
+    ``JOB``     id, start-by deadline (``time.monotonic()``, shared by every process; NaN: none),
+                then ``pickle((reference, args, kwargs))``
+    ``RECALL``  ``pickle([job ids])``: give back those of these jobs that have not started
+    ``STOP``    exit once idle
 
-Worker -> supervisor: a pickled tuple whose first item is one of the tags below. Values a job
-produces travel pickled *inside* the tuple as bytes, so a value that fails to unpickle in the
-parent never hides which message it came in.
+Worker -> supervisor (job ids say which job a reply is for; a worker runs its jobs in the order
+it received them, one at a time, and reports each before it starts the next):
+    ``READY``, ``INIT_FAILED`` (the traceback text)
+    ``RETURNED`` id, ``pickle(value)``; ``RAISED`` id, ``pickle((exception bytes | None,
+    type name, message, traceback text))``; ``MISSED`` id (past its start-by deadline, not run)
+    ``RECALLED`` ``pickle([job ids])``: given back, never started
+    ``LOG`` ``pickle(record fields)``; ``OUTPUT`` ``pickle((stream name, text))``
+
+Values travel pickled on their own, so a value that fails to unpickle in the parent never hides
+which job it belongs to.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 
-READY = 0  # (READY, pid): setup and initializer done; the worker takes jobs
-INIT_FAILED = 1  # (INIT_FAILED, traceback_text): the initializer raised; the worker exits
-RETURNED = 2  # (RETURNED, value_bytes)
-RAISED = 3  # (RAISED, exception_bytes | None, type_name, message, traceback_text)
-LOG = 4  # (LOG, record_fields)
-OUTPUT = 5  # (OUTPUT, stream_name, text)
+JOB, RECALL, STOP = b"J", b"C", b"S"
+READY, INIT_FAILED, RETURNED, RAISED, MISSED, RECALLED, LOG, OUTPUT = (
+    b"Y",
+    b"I",
+    b"R",
+    b"E",
+    b"M",
+    b"B",
+    b"L",
+    b"O",
+)
 
-STOP = b""
+HEADER = struct.Struct("!i")  # a frame's length
+_LONG_HEADER = struct.Struct("!Q")  # after a -1 length, for frames of 2 GiB and more
+JOB_HEAD = struct.Struct("!cQd")  # tag, job id, start-by deadline
+ID_HEAD = struct.Struct("!cQ")  # tag, job id
+READ_SIZE = 1 << 16
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` framed for the other side."""
+    size = len(payload)
+    if size > 0x7FFFFFFF:
+        return HEADER.pack(-1) + _LONG_HEADER.pack(size) + payload
+    return HEADER.pack(size) + payload
+
+
+def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
+    head = JOB_HEAD.pack(JOB, job_id, math.nan if start_by is None else start_by)
+    return frame(head + body)
+
+
+def frames(inbox: bytearray) -> list[bytes]:
+    """Take the whole frames off the front of ``inbox``; a partial frame stays."""
+    found = []
+    offset, end = 0, len(inbox)
+    while end - offset >= HEADER.size:
+        (size,) = HEADER.unpack_from(inbox, offset)
+        start = offset + HEADER.size
+        if size == -1:
+            if end - start < _LONG_HEADER.size:
+                break
+            (size,) = _LONG_HEADER.unpack_from(inbox, start)
+            start += _LONG_HEADER.size
+        if end - start < size:
+            break
+        found.append(bytes(inbox[start : start + size]))
+        offset = start + size
+    if offset:
+        del inbox[:offset]
+    return found
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import anyio.to_thread
 
 from corral._constants import DEFAULT
 from corral._exceptions import PoolNotRunningError, SerializationError
+from corral._pool._messages import job_frame
 from corral._pool._refs import reference_of
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
@@ -179,7 +180,7 @@ class Pool:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds or None")
         try:
-            frame = pickle.dumps(
+            body = pickle.dumps(
                 (reference, args, {} if kwargs is None else dict(kwargs)),
                 protocol=pickle.HIGHEST_PROTOCOL,
             )
@@ -191,13 +192,14 @@ class Pool:
             ) from exc
         job_id = next(self._ids)
         now = time.monotonic()
+        start_by = None if start_within is None else now + start_within
         job = Job(
             id=job_id,
             label=label,
             reference=reference,
-            frame=frame,
+            frame=job_frame(job_id, start_by, body),
             timeout=timeout,
-            start_by=None if start_within is None else now + start_within,
+            start_by=start_by,
             future=JobFuture(job_id, label),
             submitted_at=now,
         )

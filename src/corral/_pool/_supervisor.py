@@ -2,16 +2,24 @@
 
 ::
 
-    submit() --> incoming --+                          +--> worker process (one job at a time)
-      (any thread)          |   supervisor thread      |      runs it, sends one reply
+    submit() --> incoming --+                          +--> worker process (its jobs in order,
+      (any thread)          |   supervisor thread      |      one at a time; one reply each)
                             v                          |
-                wake-up pipe --> selector.select() --> dispatch to an idle worker
-                                  ^   ^   ^              deadline armed here
-            worker pipes ---------+   |   +------ timers: timeouts, kill grace, memory, back-off
-            process sentinels --------+
+                wake-up pipe --> selector.select() --> dispatch: a job to each idle worker;
+                (only if the     ^   ^   ^               while jobs wait, batches to busy ones
+                 thread sleeps)  |   |   |               (taken back when another goes idle)
+            worker sockets ------+   |   +------ timers: timeouts, kill grace, memory, back-off,
+            process sentinels -------+                   start deadlines
                                   |
                                   v
               exactly one outcome per job --> JobFuture (value, exception, or a JobError)
+
+A worker's *head* is the job it runs (as far as the supervisor knows: the first job it sent that
+has no reply yet); its timeout counts from when it became the head. Jobs sent behind the head
+*wait* in the worker; the worker skips one whose start deadline has passed, and gives back those
+the supervisor recalls (another worker went idle, a deadline passed, a cancel, shutdown) if it
+has not started them. A worker that dies takes only its head with it: the jobs waiting in it
+never started, and go back to the front of the queue.
 
 Everything below runs on the supervisor thread except ``submit``, ``request`` and ``snapshot``,
 which only touch ``incoming``/``commands`` under the lock, and read plain attributes.
@@ -24,11 +32,12 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import pickle
+import select
 import selectors
 import signal
-import struct
 import sys
 import threading
 import time
@@ -68,7 +77,10 @@ logger = logging.getLogger("corral.pool")
 
 _FAILURES_BEFORE_GIVING_UP = 3  # start failures in a row before queued jobs fail
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 10.0
-_WATCH_INTERVAL = 0.2  # how often a worker checks that its parent is alive
+_WATCH_INTERVAL = 0.1  # how often a worker checks its parent, and reads while a job runs
+_BATCH_JOBS = 64  # at most this many jobs wait in one worker
+_BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
+_BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
 
 
 class JobFuture(Future[Any]):
@@ -87,13 +99,16 @@ class Job:
     id: int
     label: str | None
     reference: str
-    frame: bytes
+    frame: bytes  # the JOB message, framed
     timeout: float | None
     start_by: float | None
     future: JobFuture
     submitted_at: float
-    running: bool = False
+    running: bool = False  # the future is claimed (the job was sent to a worker at least once)
     done: bool = False
+    worker: _Worker | None = None  # the worker it was sent to, until its outcome or its return
+    recalling: bool = False  # a recall was sent for it
+    cancel_requested: bool = False
 
 
 @dataclass(eq=False)
@@ -103,12 +118,14 @@ class _Worker:
     pid: int
     ps: psutil.Process | None
     state: WorkerState = "starting"
-    job: Job | None = None
+    job: Job | None = None  # the head
+    waiting: dict[int, Job] = field(default_factory=dict)  # sent behind the head, in order
+    waiting_bytes: int = 0
     job_started: float = 0.0
     jobs_done: int = 0
     kill_error: JobError | None = None
     start_error: str | None = None
-    listening: bool = True  # its pipe is registered with the selector
+    listening: bool = True  # its socket is registered with the selector
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
 
 
@@ -153,6 +170,7 @@ class Supervisor:
         self.accepting = True
         self.finished = threading.Event()
         self._wake_pending = False
+        self._sleeping = False  # the supervisor waits in select() with nothing taken in
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._selector = selectors.DefaultSelector()
@@ -161,6 +179,7 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._deadlines: list[tuple[float, int, Job]] = []  # start deadlines (a heap)
         self._timer_seq = itertools.count()
         self._closing = False
         self._first_starts_left = settings.workers
@@ -191,7 +210,7 @@ class Supervisor:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; never blocks beyond a lock and a one-byte write."""
+        """Queue ``job``; never blocks beyond a lock and, if the supervisor sleeps, a write."""
         with self.lock:
             if not self.accepting:
                 raise PoolNotRunningError(
@@ -217,8 +236,12 @@ class Supervisor:
             self._wake()
 
     def _wake(self) -> None:
-        """Wake the supervisor thread (call with the lock held): at most one byte in flight."""
-        if not self._wake_pending:
+        """Wake the supervisor thread if it sleeps (call with the lock held).
+
+        An awake supervisor takes ``incoming`` in before it next waits; a sleeping one gets at
+        most one byte.
+        """
+        if self._sleeping and not self._wake_pending:
             self._wake_pending = True
             os.write(self._wake_w, b"\0")
 
@@ -236,7 +259,8 @@ class Supervisor:
 
     def snapshot(self) -> PoolStatistics:
         workers = []
-        for worker in list(self._workers.values()):
+        workers_ = list(self._workers.values())
+        for worker in workers_:
             job = worker.job
             workers.append(
                 WorkerStatistics(
@@ -263,23 +287,23 @@ class Supervisor:
             recycled=c.recycled,
             restarts=c.restarts,
             start_failures=c.start_failures,
-            queued=c.queued + len(self.incoming),
+            queued=c.queued + len(self.incoming) + sum(len(w.waiting) for w in workers_),
             running=sum(1 for w in workers if w.job_id is not None),
         )
 
     def kill_job(self, job_id: int) -> None:
-        """Kill the worker running job ``job_id``, if one is."""
+        """Kill the worker running job ``job_id``; take the job back if it waits in a worker."""
 
         def command() -> None:
             for worker in list(self._workers.values()):
                 job = worker.job
                 if job is not None and job.id == job_id:
-                    error = JobCancelledError(
-                        f"job {job.id} ({job.reference}) was cancelled while running",
-                        job_id=job.id,
-                        started=True,
-                    )
-                    self._kill(worker, error, graceful=True)
+                    self._cancel_head(worker)
+                    return
+                job = worker.waiting.get(job_id)
+                if job is not None:
+                    job.cancel_requested = True
+                    self._recall(worker, [job])
                     return
 
         self.request(command)
@@ -293,8 +317,15 @@ class Supervisor:
                 delay = self._fire_timers()  # may reap the last worker: check before waiting
                 if self._closing and not self._workers:
                     break
-                for key, _ in self._selector.select(delay):
-                    key.data()
+                with self.lock:
+                    taking_in = bool(self.incoming or self.commands)
+                    self._sleeping = not taking_in
+                if taking_in:
+                    self._take_in()
+                    delay = 0
+                for key, mask in self._selector.select(delay):
+                    key.data(mask)
+                self._sleeping = False
                 self._dispatch()
         except BaseException:
             logger.critical(
@@ -311,12 +342,16 @@ class Supervisor:
                 os.close(self._wake_w)
                 self.finished.set()
 
-    def _on_wake(self) -> None:
+    def _on_wake(self, mask: int = 0) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        self._take_in()
+
+    def _take_in(self) -> None:
+        """Queue what was submitted and run what was requested since the last time."""
         with self.lock:
             self._wake_pending = False
             jobs = list(self.incoming)
@@ -326,7 +361,12 @@ class Supervisor:
             self.counters.queued += len(jobs)
         for job in jobs:
             if job.start_by is not None:
-                self._at(job.start_by, functools.partial(self._miss, job))
+                heapq.heappush(self._deadlines, (job.start_by, job.id, job))
+        waiting = sum(len(worker.waiting) for worker in self._workers.values())
+        if len(self._deadlines) > 2 * (self.counters.queued + waiting) + 1024:
+            # Drop the deadlines of jobs already over, so that they are not kept until then.
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
+            heapq.heapify(self._deadlines)
         self._queue.extend(jobs)
         for command in commands:
             command()
@@ -345,32 +385,149 @@ class Supervisor:
             while (job := self._take_queued()) is not None:
                 self._resolve(job, self._start_error, "failed")
             return
-        while self._idle and (job := self._take_queued()) is not None:
+        while self._idle and self._queue:
+            self._send(self._idle.pop(), 1)
+        if self._queue:
+            busy = [w for w in self._workers.values() if w.state == "busy"]
+            if busy:
+                # Jobs are waiting and no worker is idle: give each busy worker a batch, so
+                # that it goes from one job to the next without waiting for the supervisor.
+                depth = min(_BATCH_JOBS, -(-self.counters.queued // len(busy)))
+                for worker in busy:
+                    if self._queue:
+                        self._send(worker, depth - len(worker.waiting))
+        elif self._idle:
+            # Nothing queued and a worker idles: take back the jobs waiting behind others.
+            for worker in self._workers.values():
+                waiting = [job for job in worker.waiting.values() if not job.recalling]
+                if waiting:
+                    self._recall(worker, waiting)
+
+    def _send(self, worker: _Worker, count: int) -> None:
+        """Send ``worker`` up to ``count`` queued jobs in one write (first the head, if idle)."""
+        max_jobs = self.settings.max_jobs_per_worker
+        if max_jobs is not None:
+            assigned = worker.jobs_done + len(worker.waiting) + (worker.job is not None)
+            count = min(count, max_jobs - assigned)
+        batch: list[Job] = []
+        size = worker.waiting_bytes
+        while len(batch) < count and self._queue:
+            job = self._queue[0]
+            if job.done:
+                self._queue.popleft()
+                continue
+            behind = worker.job is not None or batch
+            if behind and (len(job.frame) > _BATCH_FRAME or size + len(job.frame) > _BATCH_BYTES):
+                break
+            self._take_queued()
             if not job.running and not job.future.set_running_or_notify_cancel():
                 job.done = True
                 self.counters.cancelled += 1
                 continue
             job.running = True
-            worker = self._idle.pop()
-            try:
-                worker.conn.send_bytes(job.frame)
-            except OSError:
-                # The worker died; its sentinel will say how. The job never started: requeue it.
-                self._queue.appendleft(job)
-                self.counters.queued += 1
-                worker.state = "killing"
-                continue
-            worker.job_started = now = time.monotonic()
-            worker.state = "busy"
-            worker.job = job
-            if job.timeout is not None:
-                self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job))
-            if self.settings.max_memory is not None and not self._memory_watch_armed:
-                self._memory_watch_armed = True
-                self._at(now + self.settings.memory_check_interval, self._check_memory)
+            batch.append(job)
+            if behind:
+                size += len(job.frame)
+        if not batch:
+            return
+        try:
+            _write_all(worker.conn.fileno(), b"".join(job.frame for job in batch))
+        except OSError:
+            # The worker died; its sentinel will say how. These jobs never started.
+            self._queue.extendleft(reversed(batch))
+            self.counters.queued += len(batch)
+            worker.state = "killing"
+            return
+        for job in batch:
+            job.worker = worker
+            if worker.job is None:
+                self._start_head(worker, job)
+            else:
+                worker.waiting[job.id] = job
+                worker.waiting_bytes += len(job.frame)
 
-    def _on_readable(self, worker: _Worker) -> None:
-        """Read what the worker's pipe holds (one read, never waiting), then each whole frame.
+    def _start_head(self, worker: _Worker, job: Job) -> None:
+        """``job`` is the one ``worker`` runs now: its timeout and the memory watch start."""
+        worker.job_started = now = time.monotonic()
+        worker.state = "busy"
+        worker.job = job
+        if job.cancel_requested:
+            self._cancel_head(worker)
+            return
+        if job.timeout is not None:
+            self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job))
+        if self.settings.max_memory is not None and not self._memory_watch_armed:
+            self._memory_watch_armed = True
+            self._at(now + self.settings.memory_check_interval, self._check_memory)
+
+    def _next_head(self, worker: _Worker) -> None:
+        """``worker``'s head is finished: the next waiting job is its head, or it is idle."""
+        worker.job = None
+        if worker.state != "busy":
+            return  # being killed or stopped: its death or exit finishes it
+        if worker.waiting:
+            job_id = next(iter(worker.waiting))
+            job = worker.waiting.pop(job_id)
+            worker.waiting_bytes -= len(job.frame)
+            self._start_head(worker, job)
+            return
+        max_jobs = self.settings.max_jobs_per_worker
+        if self._closing:
+            self._stop(worker)
+        elif max_jobs is not None and worker.jobs_done >= max_jobs:
+            self.counters.recycled += 1
+            self._stop(worker)
+            self._top_up()
+        else:
+            worker.state = "idle"
+            self._idle.append(worker)
+
+    def _recall(self, worker: _Worker, jobs: list[Job]) -> None:
+        """Ask ``worker`` to give back these waiting jobs if it has not started them."""
+        for job in jobs:
+            job.recalling = True
+        message = msg.frame(msg.RECALL + pickle.dumps([job.id for job in jobs]))
+        with contextlib.suppress(OSError):  # it died: its death returns them
+            _write_all(worker.conn.fileno(), message)
+
+    def _on_recalled(self, worker: _Worker, job_ids: list[int]) -> None:
+        returned = []
+        for job_id in job_ids:
+            job = worker.waiting.pop(job_id, None)
+            if job is not None:
+                worker.waiting_bytes -= len(job.frame)
+                returned.append(job)
+            elif worker.job is not None and worker.job.id == job_id:
+                returned.append(worker.job)  # the supervisor took it for started; it was not
+                self._next_head(worker)
+        self._return_unstarted(returned)
+
+    def _return_unstarted(self, jobs: list[Job]) -> None:
+        """Jobs a worker never started: back to the front of the queue, unless they are over."""
+        now = time.monotonic()
+        requeue = []
+        for job in jobs:
+            job.worker = None
+            job.recalling = False
+            if job.cancel_requested or self._closing:
+                when = (
+                    "before it started" if job.cancel_requested else "at shutdown before it started"
+                )
+                error = JobCancelledError(
+                    f"job {job.id} ({job.reference}) was cancelled {when}",
+                    job_id=job.id,
+                    started=False,
+                )
+                self._resolve(job, error, "cancelled")
+            elif job.start_by is not None and now > job.start_by:
+                self._resolve(job, self._missed_error(job), "missed")
+            else:
+                requeue.append(job)
+        self._queue.extendleft(reversed(requeue))
+        self.counters.queued += len(requeue)
+
+    def _on_readable(self, worker: _Worker, mask: int = 0) -> None:
+        """Read what the worker's socket holds (one read, never waiting), then each whole frame.
 
         A frame a worker has only half written stays in ``worker.inbox``: a worker stopped in the
         middle of a write can never stall supervision.
@@ -378,7 +535,9 @@ class Supervisor:
         if not worker.listening:
             return  # closed by _on_exit earlier in the same batch of events
         try:
-            data = os.read(worker.conn.fileno(), _READ_SIZE)
+            data = os.read(worker.conn.fileno(), msg.READ_SIZE)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -386,24 +545,26 @@ class Supervisor:
             worker.listening = False
             return
         worker.inbox += data
-        for frame in _frames(worker.inbox):
+        for frame in msg.frames(worker.inbox):
             self._on_message(worker, frame)
 
     def _on_message(self, worker: _Worker, frame: bytes) -> None:
-        message = pickle.loads(frame)
-        tag = message[0]
-        if tag == msg.LOG:
-            self._emit_log(worker, message[1])
+        tag = frame[:1]
+        if tag in (msg.RETURNED, msg.RAISED, msg.MISSED):
+            self._on_reply(worker, tag, frame)
+        elif tag == msg.LOG:
+            self._emit_log(worker, pickle.loads(frame[1:]))
         elif tag == msg.OUTPUT:
-            stream = sys.stdout if message[1] == "stdout" else sys.stderr
-            stream.write(message[2])
+            name, text = pickle.loads(frame[1:])
+            stream = sys.stdout if name == "stdout" else sys.stderr
+            stream.write(text)
             stream.flush()
+        elif tag == msg.RECALLED:
+            self._on_recalled(worker, pickle.loads(frame[1:]))
         elif tag == msg.READY:
             self._on_ready(worker)
         elif tag == msg.INIT_FAILED:
-            worker.start_error = f"its initializer raised:\n{message[1]}"
-        else:
-            self._on_reply(worker, message)
+            worker.start_error = f"its initializer raised:\n{frame[1:].decode(errors='replace')}"
 
     def _on_ready(self, worker: _Worker) -> None:
         if worker.state != "starting":
@@ -417,15 +578,16 @@ class Supervisor:
         else:
             self._idle.append(worker)
 
-    def _on_reply(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+    def _on_reply(self, worker: _Worker, tag: bytes, frame: bytes) -> None:
+        _, job_id = msg.ID_HEAD.unpack_from(frame)
+        body = frame[msg.ID_HEAD.size :]
         job = worker.job
-        if job is None:
-            return
-        worker.job = None
+        if job is None or job.id != job_id:
+            return  # not this worker's head: it was already given an outcome
         worker.jobs_done += 1
-        if message[0] == msg.RETURNED:
+        if tag == msg.RETURNED:
             try:
-                value = pickle.loads(message[1])
+                value = pickle.loads(body)
             except Exception as exc:
                 error = SerializationError(
                     f"the result of job {job.id} ({job.reference}) could not be unpickled in the "
@@ -436,22 +598,13 @@ class Supervisor:
                 self._resolve(job, error, "failed")
             else:
                 self._resolve_value(job, value)
+        elif tag == msg.RAISED:
+            self._resolve(job, _remote_exception(job, *pickle.loads(body)), "failed")
         else:
-            self._resolve(job, _remote_exception(job, *message[1:]), "failed")
-        if worker.state != "busy":
-            return  # being killed: its death finishes it
-        max_jobs = self.settings.max_jobs_per_worker
-        if self._closing:
-            self._stop(worker)
-        elif max_jobs is not None and worker.jobs_done >= max_jobs:
-            self.counters.recycled += 1
-            self._stop(worker)
-            self._top_up()
-        else:
-            worker.state = "idle"
-            self._idle.append(worker)
+            self._resolve(job, self._missed_error(job), "missed")
+        self._next_head(worker)
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: _Worker, mask: int = 0) -> None:
         while worker.listening and _poll(worker.conn):
             self._on_readable(worker)  # a reply sent just before the exit still counts
         if worker.listening:
@@ -479,6 +632,8 @@ class Supervisor:
         del self._workers[worker.pid]
         was_starting = worker.state == "starting"
         job, worker.job = worker.job, None
+        unstarted, worker.waiting = list(worker.waiting.values()), {}
+        self._return_unstarted(unstarted)
         if was_starting and not self._closing:
             cause = worker.start_error or (
                 f"it exited with {_describe_exit(exitcode)} before it was ready"
@@ -543,11 +698,12 @@ class Supervisor:
         assert process.pid is not None
         worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
         self._workers[worker.pid] = worker
+        os.set_blocking(parent_conn.fileno(), False)
         self._selector.register(
-            parent_conn, selectors.EVENT_READ, lambda: self._on_readable(worker)
+            parent_conn, selectors.EVENT_READ, functools.partial(self._on_readable, worker)
         )
         self._selector.register(
-            process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(worker)
+            process.sentinel, selectors.EVENT_READ, functools.partial(self._on_exit, worker)
         )
         self._at(
             time.monotonic() + self.settings.start_timeout, lambda: self._start_timed_out(worker)
@@ -595,13 +751,30 @@ class Supervisor:
 
     def _fire_timers(self) -> float | None:
         """Run due timers; return seconds until the next one (``None``: no timer)."""
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].done or deadlines[0][0] <= time.monotonic()):
+            self._on_deadline(heapq.heappop(deadlines)[2])
         while self._timers:
             when = self._timers[0][0]
             now = time.monotonic()
             if when > now:
-                return when - now
+                break
             heapq.heappop(self._timers)[2]()
-        return None
+        nearest = min(
+            self._timers[0][0] if self._timers else math.inf,
+            deadlines[0][0] if deadlines else math.inf,
+        )
+        return None if nearest == math.inf else max(0.0, nearest - time.monotonic())
+
+    def _cancel_head(self, worker: _Worker) -> None:
+        job = worker.job
+        assert job is not None
+        error = JobCancelledError(
+            f"job {job.id} ({job.reference}) was cancelled while running",
+            job_id=job.id,
+            started=True,
+        )
+        self._kill(worker, error, graceful=True)
 
     def _on_timeout(self, worker: _Worker, job: Job) -> None:
         if worker.job is not job:
@@ -675,18 +848,25 @@ class Supervisor:
         if worker.pid in self._workers and self._workers[worker.pid] is worker:
             _killpg(worker.pid, signal.SIGKILL)
 
-    def _miss(self, job: Job) -> None:
-        if job.running or job.done:
+    def _on_deadline(self, job: Job) -> None:
+        """``job``'s start deadline passed: miss it if it is queued, recall it if it waits."""
+        if job.done:
             return
-        self.counters.queued -= 1
+        worker = job.worker
+        if worker is None:
+            self.counters.queued -= 1
+            self._resolve(job, self._missed_error(job), "missed")
+        elif worker.job is not job and not job.recalling:
+            self._recall(worker, [job])
+
+    def _missed_error(self, job: Job) -> JobMissedError:
         waited = time.monotonic() - job.submitted_at
-        error = JobMissedError(
+        return JobMissedError(
             f"job {job.id} ({job.reference}) waited {waited:.3f}s for a worker, past its start "
             f"deadline; it was not run; add workers or allow a longer start deadline",
             job_id=job.id,
             waited=waited,
         )
-        self._resolve(job, error, "missed")
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -696,7 +876,7 @@ class Supervisor:
                 self._cancel_running(graceful=False)
             return
         self._closing = True
-        self._on_wake()  # take whatever was submitted before the pool stopped accepting
+        self._take_in()  # take whatever was submitted before the pool stopped accepting
         while (job := self._take_queued()) is not None:
             error = JobCancelledError(
                 f"job {job.id} ({job.reference}) was cancelled at shutdown before it started",
@@ -710,6 +890,8 @@ class Supervisor:
                 self._stop(worker)
             elif worker.state == "starting":
                 self._kill(worker, None, graceful=False)
+            elif worker.waiting:
+                self._recall(worker, list(worker.waiting.values()))
         if not wait:
             self._cancel_running(graceful=False)
         elif deadline is not None:
@@ -738,8 +920,9 @@ class Supervisor:
         error_text = "the pool's supervisor failed; see the log for its traceback"
         for worker in list(self._workers.values()):
             _killpg(worker.pid, signal.SIGKILL)
-            if worker.job is not None and not worker.job.done:
-                self._resolve(worker.job, CorralError(error_text), "failed")
+            for job in [worker.job, *worker.waiting.values()]:
+                if job is not None and not job.done:
+                    self._resolve(job, CorralError(error_text), "failed")
             worker.process.join(1)
         for job in self._queue:
             if not job.done:
@@ -749,12 +932,14 @@ class Supervisor:
 
     def _resolve_value(self, job: Job, value: Any) -> None:
         job.done = True
+        job.worker = None
         self.counters.completed += 1
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_result(value)
 
     def _resolve(self, job: Job, error: BaseException, kind: str) -> None:
         job.done = True
+        job.worker = None
         setattr(self.counters, kind, getattr(self.counters, kind) + 1)
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_exception(error)
@@ -821,27 +1006,14 @@ def _killpg(pgid: int, sig: int) -> None:
             os.kill(pgid, sig)
 
 
-_READ_SIZE = 1 << 16
-_HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header: the length
-_LONG_HEADER = struct.Struct("!Q")  # after a -1 header, for frames of 2 GiB and more
-
-
-def _frames(inbox: bytearray) -> list[bytes]:
-    """Take the whole ``Connection.send_bytes`` frames off the front of ``inbox``."""
-    frames = []
-    while len(inbox) >= _HEADER.size:
-        (size,) = _HEADER.unpack_from(inbox)
-        start = _HEADER.size
-        if size == -1:
-            if len(inbox) < start + _LONG_HEADER.size:
-                break
-            (size,) = _LONG_HEADER.unpack_from(inbox, start)
-            start += _LONG_HEADER.size
-        if len(inbox) < start + size:
-            break
-        frames.append(bytes(inbox[start : start + size]))
-        del inbox[: start + size]
-    return frames
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking socket, waiting while its buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def _poll(conn: Connection) -> bool:

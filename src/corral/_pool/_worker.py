@@ -1,4 +1,4 @@
-"""The worker process: run one job at a time, report exactly one message per job.
+"""The worker process: run its jobs one at a time, in order, and report exactly one reply per job.
 
 The worker imports only the standard library and this package's pool modules; a job's own imports
 are its business. It leads its own process group so that the supervisor can kill it together with
@@ -15,10 +15,13 @@ import io
 import logging
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,16 +32,82 @@ from corral._pool._refs import resolve
 
 
 class _Channel:
-    """The worker's end of the pipe; sends from any thread of the job are serialised."""
+    """The worker's end of the socket; sends from any thread of the job are serialised."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, message: bytes) -> None:
         with self.lock:
-            self.conn.send_bytes(data)
+            self.conn.send_bytes(message)
+
+
+class _Inbox:
+    """What the supervisor sent and the worker has not started yet.
+
+    The main thread reads the socket while it has nothing to run; while a job runs, the watch
+    thread reads it every ``watch_interval`` (the ``busy`` flag, under the lock, decides which
+    thread may read), so a recall of jobs waiting behind a long job is answered while it runs.
+    """
+
+    def __init__(self, conn: Connection, channel: _Channel) -> None:
+        self.fd = conn.fileno()
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.received = bytearray()
+        self.jobs: deque[tuple[int, float, bytes]] = deque()
+        self.busy = False
+        self.stopping = False
+        self.closed = False
+
+    def next_job(self) -> tuple[int, float, bytes] | None:
+        """The next job to run, waiting for one; ``None``: stop."""
+        while True:
+            with self.lock:
+                if self.jobs:
+                    self.busy = True
+                    return self.jobs.popleft()
+                if self.stopping or self.closed:
+                    return None
+            try:
+                data = os.read(self.fd, msg.READ_SIZE)  # only this thread reads while not busy
+            except OSError:
+                data = b""
+            with self.lock:
+                self._take_in(data)
+
+    def job_done(self) -> None:
+        with self.lock:
+            self.busy = False
+
+    def poll(self) -> None:
+        """Take in what arrived while a job runs (the watch thread)."""
+        with self.lock:
+            while self.busy and not self.closed and select.select([self.fd], [], [], 0)[0]:
+                try:
+                    data = os.read(self.fd, msg.READ_SIZE)
+                except OSError:
+                    data = b""
+                self._take_in(data)
+
+    def _take_in(self, data: bytes) -> None:
+        if not data:
+            self.closed = True
+            return
+        self.received += data
+        for frame in msg.frames(self.received):
+            tag = frame[:1]
+            if tag == msg.JOB:
+                _, job_id, start_by = msg.JOB_HEAD.unpack_from(frame)
+                self.jobs.append((job_id, start_by, frame[msg.JOB_HEAD.size :]))
+            elif tag == msg.RECALL:
+                wanted = set(pickle.loads(frame[1:]))
+                given = [job[0] for job in self.jobs if job[0] in wanted]
+                self.jobs = deque(job for job in self.jobs if job[0] not in wanted)
+                self.channel.send(msg.RECALLED + pickle.dumps(given))
+            elif tag == msg.STOP:
+                self.stopping = True
 
 
 class _ChannelHandler(logging.Handler):
@@ -50,7 +119,7 @@ class _ChannelHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.channel.send((msg.LOG, _portable_record(record)))
+            self.channel.send(msg.LOG + pickle.dumps(_portable_record(record)))
         except Exception:
             self.handleError(record)
 
@@ -87,13 +156,13 @@ class _ChannelWriter(io.TextIOBase):
         self.pending += text
         if "\n" in self.pending:
             head, _, self.pending = self.pending.rpartition("\n")
-            self.channel.send((msg.OUTPUT, self.stream_name, head + "\n"))
+            self.channel.send(msg.OUTPUT + pickle.dumps((self.stream_name, head + "\n")))
         return len(text)
 
     def flush(self) -> None:
         if self.pending:
             text, self.pending = self.pending, ""
-            self.channel.send((msg.OUTPUT, self.stream_name, text))
+            self.channel.send(msg.OUTPUT + pickle.dumps((self.stream_name, text)))
 
 
 RUNNING_IN_WORKER = False
@@ -106,8 +175,9 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     RUNNING_IN_WORKER = True
     os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent(options.parent_pid, options.watch_interval)
     channel = _Channel(conn)
+    inbox = _Inbox(conn, channel)
+    _watch(options.parent_pid, options.watch_interval, inbox)
     streams = _capture_output(channel)
     _capture_logging(channel, options.log_level)
     main = _MainLoader(options.main)
@@ -123,21 +193,20 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
             initargs = pickle.loads(options.initargs_bytes)
             resolve(options.initializer)(*initargs)
     except BaseException:
-        channel.send((msg.INIT_FAILED, traceback.format_exc()))
+        channel.send(msg.INIT_FAILED + traceback.format_exc().encode())
         _flush(streams)
         os._exit(3)
-    channel.send((msg.READY, os.getpid()))
+    channel.send(msg.READY)
     runner: asyncio.Runner | None = None
-    while True:
-        try:
-            frame = conn.recv_bytes()
-        except (EOFError, OSError):
-            break
-        if frame == msg.STOP:
-            break
-        reply, runner = _run_job(frame, runner, main, options.max_result_size)
+    while (job := inbox.next_job()) is not None:
+        job_id, start_by, body = job
+        if time.monotonic() > start_by:  # never true for NaN (no deadline)
+            reply = msg.ID_HEAD.pack(msg.MISSED, job_id)
+        else:
+            reply, runner = _run_job(job_id, body, runner, main, options.max_result_size)
         _flush(streams)
         channel.send(reply)
+        inbox.job_done()
     _flush(streams)
     if runner is not None:
         runner.close()
@@ -158,13 +227,18 @@ class _MainLoader:
 
 
 def _run_job(
-    frame: bytes, runner: asyncio.Runner | None, main: _MainLoader, max_result_size: int | None
-) -> tuple[tuple[Any, ...], asyncio.Runner | None]:
+    job_id: int,
+    body: bytes,
+    runner: asyncio.Runner | None,
+    main: _MainLoader,
+    max_result_size: int | None,
+) -> tuple[bytes, asyncio.Runner | None]:
+    """Run one job; return its reply (``RETURNED`` or ``RAISED``) and the asyncio runner."""
     try:
-        if b"__main__" in frame:
+        if b"__main__" in body:
             main.load()  # before unpickling: the arguments may be instances of its classes
         try:
-            reference, args, kwargs = pickle.loads(frame)
+            reference, args, kwargs = pickle.loads(body)
         except Exception as exc:
             raise SerializationError(
                 f"the worker could not unpickle the job's arguments: {type(exc).__name__}: {exc}; "
@@ -181,7 +255,7 @@ def _run_job(
                 runner = runner or asyncio.Runner()
                 value = runner.run(_await(value))
     except BaseException as exc:  # a job's SystemExit is its outcome, not ours
-        return _raised(exc), runner
+        return _raised(job_id, exc), runner
     try:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:
@@ -191,7 +265,7 @@ def _run_job(
             f"dataclasses of them) instead",
             stage="result",
         )
-        return _raised(error), runner
+        return _raised(job_id, error), runner
     if max_result_size is not None and len(data) > max_result_size:
         error = SerializationError(
             f"the job's result {_short_repr(value)} is {len(data)} bytes pickled, over "
@@ -199,15 +273,15 @@ def _run_job(
             f"and return its location, or raise max_result_size",
             stage="result",
         )
-        return _raised(error), runner
-    return (msg.RETURNED, data), runner
+        return _raised(job_id, error), runner
+    return msg.ID_HEAD.pack(msg.RETURNED, job_id) + data, runner
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _raised(exc: BaseException) -> tuple[Any, ...]:
+def _raised(job_id: int, exc: BaseException) -> bytes:
     text = "".join(traceback.format_exception(exc))
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
@@ -217,7 +291,8 @@ def _raised(exc: BaseException) -> tuple[Any, ...]:
         message = str(exc)
     except BaseException:
         message = "<str() of the exception failed>"
-    return (msg.RAISED, exc_bytes, _type_name(exc), message, text)
+    details = pickle.dumps((exc_bytes, _type_name(exc), message, text))
+    return msg.ID_HEAD.pack(msg.RAISED, job_id) + details
 
 
 def _type_name(exc: BaseException) -> str:
@@ -253,8 +328,9 @@ def _capture_logging(channel: _Channel, level: int) -> None:
     root.setLevel(level)
 
 
-def _watch_parent(parent_pid: int, interval: float) -> None:
-    """Kill this worker's whole process group as soon as the process that started it is gone.
+def _watch(parent_pid: int, interval: float, inbox: _Inbox) -> None:
+    """Every ``interval``: kill this worker's whole process group if the process that started it
+    is gone, and take in what the supervisor sent while a job runs.
 
     ``os.getppid()`` changes when the parent dies (the worker is re-parented), which a thread
     notices even while the job keeps the main thread busy in a CPU loop.
@@ -266,8 +342,9 @@ def _watch_parent(parent_pid: int, interval: float) -> None:
         while not event.wait(interval):
             if os.getppid() != original or not _alive(parent_pid):
                 os.killpg(os.getpgid(0), signal.SIGKILL)
+            inbox.poll()
 
-    threading.Thread(target=watch, name="corral-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="corral-watch", daemon=True).start()
 
 
 def _alive(pid: int) -> bool:
