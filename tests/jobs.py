@@ -274,3 +274,23 @@ def write_half_a_frame_and_hang() -> None:
                 os.write(int(fd), struct.pack("!i", 1000) + b"x" * 10)
     while True:
         time.sleep(0.05)
+
+
+def hold(fifo: str) -> int:
+    """Block until the test writes to the named pipe ``fifo``; return this worker's pid."""
+    with open(fifo) as gate:
+        gate.read()
+    return os.getpid()
+
+
+def hold_then_exit(fifo: str) -> None:
+    """Block until released through ``fifo``, then end the worker process."""
+    hold(fifo)
+    os._exit(7)
+
+
+def create(path: str) -> int:
+    """Create the file ``path`` (proof that the job ran); return this worker's pid."""
+    with open(path, "x"):
+        pass
+    return os.getpid()

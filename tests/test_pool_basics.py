@@ -198,7 +198,7 @@ def test_cancelling_run_kills_the_running_job(pool: Pool) -> None:
 
 
 def test_a_job_cancelled_before_it_starts_never_runs(make_pool: PoolFactory) -> None:
-    pool = make_pool(workers=1)
+    pool = make_pool(workers=1, max_jobs_per_worker=1)  # nothing is sent behind the blocker
     blocker = pool.submit(jobs.sleep, 0.5)
     waiting = pool.submit(jobs.add, 1, 1)
     assert waiting.cancel()

@@ -21,6 +21,8 @@ class WorkerStatistics:
     rss: int | None
     """Resident memory in bytes, or ``None`` if it could not be read."""
     jobs_done: int
+    waiting: int = 0
+    """Jobs sent to this worker behind its current one, not started yet (when jobs pile up)."""
 
 
 @dataclass(frozen=True)

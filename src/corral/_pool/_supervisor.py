@@ -271,6 +271,7 @@ class Supervisor:
                     running_for=None if job is None else time.monotonic() - worker.job_started,
                     rss=_rss(worker.ps),
                     jobs_done=worker.jobs_done,
+                    waiting=len(worker.waiting),
                 )
             )
         c = self.counters
@@ -392,7 +393,8 @@ class Supervisor:
             if busy:
                 # Jobs are waiting and no worker is idle: give each busy worker a batch, so
                 # that it goes from one job to the next without waiting for the supervisor.
-                depth = min(_BATCH_JOBS, -(-self.counters.queued // len(busy)))
+                share = self.counters.queued + sum(len(w.waiting) for w in busy)
+                depth = min(_BATCH_JOBS, -(-share // len(busy)))
                 for worker in busy:
                     if self._queue:
                         self._send(worker, depth - len(worker.waiting))

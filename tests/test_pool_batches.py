@@ -1,0 +1,211 @@
+"""Jobs sent to busy workers while jobs pile up: taken back when that is better, never lost.
+
+Each test holds a worker on a job that waits at a gate (a named pipe the test opens), so which
+jobs wait where is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import jobs
+from conftest import PoolFactory, busy_pids, wait_until
+from corral import JobCancelledError, Pool, WorkerDiedError
+from corral._pool import _launch
+from corral._pool import _messages as msg
+from corral._pool._worker import worker_main
+
+
+class Gate:
+    """A named pipe a job blocks on (``jobs.hold``) until the test releases it."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = str(path)
+
+    def release(self) -> None:
+        def opened() -> int | None:
+            try:
+                return os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no job has opened it for reading yet
+                return None
+
+        os.close(wait_until(opened, what="a job to wait at the gate"))
+
+
+def waiting(pool: Pool) -> int:
+    return sum(worker.waiting for worker in pool.statistics().workers)
+
+
+def test_jobs_waiting_behind_a_long_job_move_to_a_worker_that_frees_up(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=2)
+    gate_a, gate_b = Gate(tmp_path / "a"), Gate(tmp_path / "b")
+    long_a = pool.submit(jobs.hold, gate_a.path)
+    long_b = pool.submit(jobs.hold, gate_b.path)
+    wait_until(lambda: len(busy_pids(pool)) == 2, what="both workers to be busy")
+    quick = [pool.submit(jobs.pid) for _ in range(4)]
+    wait_until(lambda: waiting(pool) == 4, what="the jobs to be sent behind the busy ones")
+    assert all(worker.waiting == 2 for worker in pool.statistics().workers)
+
+    gate_b.release()
+    freed = long_b.result(10)
+    assert [future.result(10) for future in quick] == [freed] * 4
+    assert not long_a.done()  # the two that waited behind it were taken back, not left there
+    gate_a.release()
+    assert long_a.result(10) != freed
+    assert pool.statistics().completed == 6
+
+
+def test_a_worker_that_dies_gives_back_the_jobs_waiting_in_it(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    doomed = pool.submit(jobs.hold_then_exit, gate.path)
+    [first_pid] = wait_until(lambda: busy_pids(pool))
+    behind = [pool.submit(jobs.pid) for _ in range(3)]
+    wait_until(lambda: waiting(pool) == 3, what="the jobs to be sent behind the doomed one")
+
+    gate.release()
+    with pytest.raises(WorkerDiedError, match="exit code 7"):
+        doomed.result(10)
+    pids = {future.result(10) for future in behind}
+    assert len(pids) == 1 and first_pid not in pids  # they ran, once each, on the replacement
+    stats = pool.statistics()
+    assert (stats.crashed, stats.completed, stats.finished) == (1, 3, 4)
+
+
+def test_cancelling_run_takes_back_a_job_waiting_in_a_worker(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool))
+    marker = tmp_path / "ran"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(pool.run(jobs.create, str(marker)))
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: wait_until(lambda: waiting(pool) == 1, what="the job to wait")
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    wait_until(lambda: pool.statistics().cancelled == 1, what="the cancel to be counted")
+    assert not holder.done()  # taken back while the job ahead of it still runs
+    gate.release()
+    worker_pid = holder.result(10)
+    assert pool.submit(jobs.pid).result(10) == worker_pid  # no worker was killed for it
+    assert not marker.exists()
+
+
+def test_shutdown_cancels_the_jobs_waiting_in_workers_and_lets_running_ones_finish(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool))
+    behind = [pool.submit(jobs.create, str(tmp_path / f"ran-{i}")) for i in range(2)]
+    wait_until(lambda: waiting(pool) == 2, what="the jobs to wait in the worker")
+
+    closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+    closer.start()
+    for future in behind:
+        with pytest.raises(JobCancelledError, match="at shutdown before it started"):
+            future.result(10)
+    assert not holder.done()
+    gate.release()
+    assert isinstance(holder.result(10), int)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert not list(tmp_path.glob("ran-*"))
+
+
+def test_max_jobs_per_worker_counts_the_jobs_sent_ahead(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1, max_jobs_per_worker=3)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool))
+    quick = [pool.submit(jobs.pid) for _ in range(4)]
+    wait_until(lambda: waiting(pool) == 2, what="two jobs to be sent ahead")
+    gate.release()
+    first = holder.result(10)
+    pids = collections.Counter(future.result(10) for future in quick)
+    assert pids[first] == 2  # 3 jobs in all on the first worker, then a fresh one
+    assert sum(pids.values()) == 4 and len(pids) == 2
+
+
+def test_large_and_small_jobs_queued_behind_a_busy_worker_all_return_their_values(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool))
+    values = [b"x" * 200_000, 1, b"y" * 50_000, "two", list(range(5000))]
+    futures = [pool.submit(jobs.echo, value) for value in values]
+    gate.release()
+    holder.result(10)
+    assert [future.result(10) for future in futures] == values
+
+
+def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() -> None:
+    """The worker checks each job's deadline itself (``time.monotonic()`` is the same clock in
+    every process), so a job sent ahead is never run late, even if no recall reaches it."""
+    _launch.install()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    options = msg.WorkerOptions(
+        initializer=None,
+        initargs_bytes=pickle.dumps(()),
+        log_level=30,
+        parent_pid=os.getpid(),
+        watch_interval=0.1,
+        main=None,
+        max_result_size=None,
+        preload=(),
+    )
+    name = f"{_launch.WORKER_NAME_PREFIX}deadline-test"
+    process = context.Process(target=worker_main, args=(child, options), name=name)
+    process.start()
+    child.close()
+    try:
+        assert parent.poll(30)
+        assert parent.recv_bytes() == msg.READY
+        body = pickle.dumps(("jobs:add", (1, 2), {}))
+        now = time.monotonic()
+        parent.send_bytes(msg.job_frame(1, now - 1, body)[msg.HEADER.size :])
+        parent.send_bytes(msg.job_frame(2, now + 60, body)[msg.HEADER.size :])
+        parent.send_bytes(msg.job_frame(3, None, body)[msg.HEADER.size :])
+        replies = []
+        for _ in range(3):
+            assert parent.poll(10)
+            replies.append(parent.recv_bytes())
+        assert replies[0] == msg.ID_HEAD.pack(msg.MISSED, 1)
+        for job_id, reply in zip((2, 3), replies[1:], strict=True):
+            assert reply[: msg.ID_HEAD.size] == msg.ID_HEAD.pack(msg.RETURNED, job_id)
+            assert pickle.loads(reply[msg.ID_HEAD.size :]) == 3
+        parent.send_bytes(msg.STOP)
+        process.join(10)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(5)
