@@ -6,7 +6,9 @@ Measures, on warm pools of 2 workers:
 - round trip: one no-op job submitted and its result received, one at a time (median, p99);
 - throughput: ``--jobs`` no-op jobs submitted at once, until every result is in (jobs/s);
 - recovery: from a worker's crash to the next job's result.
-The floor is a raw round trip of the same pickled message over a pipe to one child process.
+The floor is a raw round trip of the same pickled message over a pipe to one child process. For
+scale, a round trip between two Python threads (no process at all): every pool here hands each
+job to a thread of its own and back, so each pays that on top of the floor.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
+from queue import SimpleQueue
 from typing import Any
 
 import psutil
@@ -65,6 +69,28 @@ class RawPipe:
     def close(self) -> None:
         self.conn.send_bytes(b"")
         self.process.join()
+
+
+class ThreadHandOff:
+    """A request to a helper thread and its answer back: two hand-offs between Python threads."""
+
+    def __init__(self) -> None:
+        self.requests: SimpleQueue[Future[None] | None] = SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while (future := self.requests.get()) is not None:
+            future.set_result(None)
+
+    def call(self) -> None:
+        future: Future[None] = Future()
+        self.requests.put(future)
+        future.result()
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join()
 
 
 def round_trips(call: Callable[[], Any], count: int) -> list[float]:
@@ -199,6 +225,10 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     lat = round_trips(raw.call, latency_jobs)
     raw.close()
     results["raw pipe (floor)"] = _latency(lat)
+    handoff = ThreadHandOff()
+    lat = round_trips(handoff.call, latency_jobs)
+    handoff.close()
+    results["thread hand-off (for scale)"] = _latency(lat)
 
     pool = corral_pool()
     round_trips(lambda: pool.submit(noop).result(), 200)  # warm

@@ -176,6 +176,7 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._queue: deque[Job] = deque()
+        self._waiting = 0  # jobs sent to workers behind their heads, not started
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -216,7 +217,7 @@ class Supervisor:
                 raise PoolNotRunningError(
                     f"pool {self.name!r} is shut down; it takes no new jobs; make a new pool"
                 )
-            queued = len(self.incoming) + self.counters.queued
+            queued = len(self.incoming) + self.counters.queued + self._waiting
             if queued >= self.settings.queue_size:
                 raise QueueFullError(
                     f"pool {self.name!r} has {queued} jobs waiting, its queue_size; "
@@ -259,8 +260,7 @@ class Supervisor:
 
     def snapshot(self) -> PoolStatistics:
         workers = []
-        workers_ = list(self._workers.values())
-        for worker in workers_:
+        for worker in list(self._workers.values()):
             job = worker.job
             workers.append(
                 WorkerStatistics(
@@ -288,7 +288,7 @@ class Supervisor:
             recycled=c.recycled,
             restarts=c.restarts,
             start_failures=c.start_failures,
-            queued=c.queued + len(self.incoming) + sum(len(w.waiting) for w in workers_),
+            queued=c.queued + len(self.incoming) + self._waiting,
             running=sum(1 for w in workers if w.job_id is not None),
         )
 
@@ -363,8 +363,7 @@ class Supervisor:
         for job in jobs:
             if job.start_by is not None:
                 heapq.heappush(self._deadlines, (job.start_by, job.id, job))
-        waiting = sum(len(worker.waiting) for worker in self._workers.values())
-        if len(self._deadlines) > 2 * (self.counters.queued + waiting) + 1024:
+        if len(self._deadlines) > 2 * (self.counters.queued + self._waiting) + 1024:
             # Drop the deadlines of jobs already over, so that they are not kept until then.
             self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
             heapq.heapify(self._deadlines)
@@ -387,7 +386,11 @@ class Supervisor:
                 self._resolve(job, self._start_error, "failed")
             return
         while self._idle and self._queue:
-            self._send(self._idle.pop(), 1)
+            worker = self._idle.pop()
+            self._send(worker, 1)
+            if worker.state == "idle":  # nothing was left to send: every queued job was over
+                self._idle.append(worker)
+                break
         if self._queue:
             busy = [w for w in self._workers.values() if w.state == "busy"]
             if busy:
@@ -418,7 +421,7 @@ class Supervisor:
             if job.done:
                 self._queue.popleft()
                 continue
-            behind = worker.job is not None or batch
+            behind = worker.job is not None or bool(batch)
             if behind and (len(job.frame) > _BATCH_FRAME or size + len(job.frame) > _BATCH_BYTES):
                 break
             self._take_queued()
@@ -447,6 +450,7 @@ class Supervisor:
             else:
                 worker.waiting[job.id] = job
                 worker.waiting_bytes += len(job.frame)
+                self._waiting += 1
 
     def _start_head(self, worker: _Worker, job: Job) -> None:
         """``job`` is the one ``worker`` runs now: its timeout and the memory watch start."""
@@ -457,7 +461,7 @@ class Supervisor:
             self._cancel_head(worker)
             return
         if job.timeout is not None:
-            self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job))
+            self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job, now))
         if self.settings.max_memory is not None and not self._memory_watch_armed:
             self._memory_watch_armed = True
             self._at(now + self.settings.memory_check_interval, self._check_memory)
@@ -471,6 +475,7 @@ class Supervisor:
             job_id = next(iter(worker.waiting))
             job = worker.waiting.pop(job_id)
             worker.waiting_bytes -= len(job.frame)
+            self._waiting -= 1
             self._start_head(worker, job)
             return
         max_jobs = self.settings.max_jobs_per_worker
@@ -498,6 +503,7 @@ class Supervisor:
             job = worker.waiting.pop(job_id, None)
             if job is not None:
                 worker.waiting_bytes -= len(job.frame)
+                self._waiting -= 1
                 returned.append(job)
             elif worker.job is not None and worker.job.id == job_id:
                 returned.append(worker.job)  # the supervisor took it for started; it was not
@@ -635,6 +641,7 @@ class Supervisor:
         was_starting = worker.state == "starting"
         job, worker.job = worker.job, None
         unstarted, worker.waiting = list(worker.waiting.values()), {}
+        self._waiting -= len(unstarted)
         self._return_unstarted(unstarted)
         if was_starting and not self._closing:
             cause = worker.start_error or (
@@ -778,9 +785,9 @@ class Supervisor:
         )
         self._kill(worker, error, graceful=True)
 
-    def _on_timeout(self, worker: _Worker, job: Job) -> None:
-        if worker.job is not job:
-            return
+    def _on_timeout(self, worker: _Worker, job: Job, started: float) -> None:
+        if worker.job is not job or worker.job_started != started:
+            return  # over, or recalled and sent again: a newer timer counts
         error = JobTimeoutError(
             f"job {job.id} ({job.reference}) ran past its timeout of {job.timeout}s; "
             f"worker {worker.pid} was killed and replaced",
