@@ -13,7 +13,9 @@ import os
 import pickle
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +42,14 @@ class Gate:
                 return None
 
         os.close(wait_until(opened, what="a job to wait at the gate"))
+
+
+def hold_the_only_worker(pool: Pool, tmp_path: Path) -> tuple[Gate, Future[Any]]:
+    """Keep ``pool``'s worker busy on a job until the returned gate is released."""
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool), what="the worker to be busy")
+    return gate, holder
 
 
 def waiting(pool: Pool) -> int:
@@ -90,9 +100,7 @@ def test_cancelling_run_takes_back_a_job_waiting_in_a_worker(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    holder = pool.submit(jobs.hold, gate.path)
-    wait_until(lambda: busy_pids(pool))
+    gate, holder = hold_the_only_worker(pool, tmp_path)
     marker = tmp_path / "ran"
 
     async def main() -> None:
@@ -117,9 +125,7 @@ def test_shutdown_cancels_the_jobs_waiting_in_workers_and_lets_running_ones_fini
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    holder = pool.submit(jobs.hold, gate.path)
-    wait_until(lambda: busy_pids(pool))
+    gate, holder = hold_the_only_worker(pool, tmp_path)
     behind = [pool.submit(jobs.create, str(tmp_path / f"ran-{i}")) for i in range(2)]
     wait_until(lambda: waiting(pool) == 2, what="the jobs to wait in the worker")
 
@@ -140,9 +146,7 @@ def test_max_jobs_per_worker_counts_the_jobs_sent_ahead(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1, max_jobs_per_worker=3)
-    gate = Gate(tmp_path / "gate")
-    holder = pool.submit(jobs.hold, gate.path)
-    wait_until(lambda: busy_pids(pool))
+    gate, holder = hold_the_only_worker(pool, tmp_path)
     quick = [pool.submit(jobs.pid) for _ in range(4)]
     wait_until(lambda: waiting(pool) == 2, what="two jobs to be sent ahead")
     gate.release()
@@ -156,9 +160,7 @@ def test_large_and_small_jobs_queued_behind_a_busy_worker_all_return_their_value
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    holder = pool.submit(jobs.hold, gate.path)
-    wait_until(lambda: busy_pids(pool))
+    gate, holder = hold_the_only_worker(pool, tmp_path)
     values = [b"x" * 200_000, 1, b"y" * 50_000, "two", list(range(5000))]
     futures = [pool.submit(jobs.echo, value) for value in values]
     gate.release()
