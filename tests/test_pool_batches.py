@@ -13,7 +13,7 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +211,22 @@ def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() 
         if process.is_alive():
             process.kill()
             process.join(5)
+
+
+def test_back_to_back_jobs_from_several_threads_each_get_their_outcome(
+    make_pool: PoolFactory,
+) -> None:
+    """A job submitted while a worker idles is written to it from the submitting thread; its
+    reply can be read before that write returns. Thousands of round trips from three threads
+    (and the supervisor dispatching the overflow) each end in their own value."""
+    pool = make_pool(workers=2)
+
+    def caller(offset: int) -> list[int]:
+        return [pool.submit(jobs.add, offset, i).result(20) for i in range(1000)]
+
+    with ThreadPoolExecutor(3) as threads:
+        results = list(threads.map(caller, (0, 10_000, 20_000)))
+    for offset, values in zip((0, 10_000, 20_000), results, strict=True):
+        assert values == [offset + i for i in range(1000)]
+    stats = pool.statistics()
+    assert (stats.completed, stats.finished, stats.queued) == (3000, 3000, 0)

@@ -277,7 +277,7 @@ def test_an_initializer_that_cannot_be_imported_is_a_start_failure_not_a_spin() 
 def test_a_supervisor_failure_fails_every_job_and_kills_every_worker(
     make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pool = make_pool(workers=2)
+    pool = make_pool(workers=1)  # the next job waits for the supervisor to dispatch it
     running = pool.submit(jobs.sleep, 30)
     wait_until(lambda: busy_pids(pool))
     pids = worker_pids(pool)

@@ -211,7 +211,7 @@ class Supervisor:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; never blocks beyond a lock and, if the supervisor sleeps, a write."""
+        """Send ``job`` to an idle worker, or queue it; never blocks beyond a lock and a write."""
         with self.lock:
             if not self.accepting:
                 raise PoolNotRunningError(
@@ -224,9 +224,39 @@ class Supervisor:
                     f"wait for jobs to finish, add workers, or raise queue_size",
                     max_queued=self.settings.queue_size,
                 )
-            self.incoming.append(job)
             self.counters.submitted += 1
+            if self._idle and not self.incoming and not self._queue and self._send_now(job):
+                return
+            self.incoming.append(job)
             self._wake()
+
+    def _send_now(self, job: Job) -> bool:
+        """Write ``job`` to an idle worker from the submitting thread (lock held): the job starts
+        without waiting for the supervisor thread. ``False``: it could not; queue it."""
+        if len(job.frame) > _BATCH_FRAME:
+            return False
+        worker = self._idle.pop()
+        job.future.set_running_or_notify_cancel()  # new: nobody can have cancelled it yet
+        job.running = True
+        # Its head before the write: the reply can come (and be read) before os.write returns.
+        job.worker = worker
+        now = self._mark_head(worker, job)
+        try:
+            sent = os.write(worker.conn.fileno(), job.frame)
+        except OSError as exc:
+            job.worker = worker.job = None
+            if isinstance(exc, BlockingIOError):  # its socket is full: the supervisor sends it
+                worker.state = "idle"
+                self._idle.append(worker)
+            else:  # it died; its sentinel will say how
+                worker.state = "killing"
+            return False
+        if sent < len(job.frame):
+            _write_all(worker.conn.fileno(), job.frame[sent:])
+        if job.timeout is not None or self.settings.max_memory is not None:
+            self.commands.append(functools.partial(self._arm, worker, job, now))
+            self._wake()
+        return True
 
     def request(self, command: Callable[[], None]) -> None:
         """Run ``command`` on the supervisor thread."""
@@ -386,10 +416,13 @@ class Supervisor:
                 self._resolve(job, self._start_error, "failed")
             return
         while self._idle and self._queue:
-            worker = self._idle.pop()
+            with self.lock:  # submitters take idle workers too
+                if not self._idle:
+                    break
+                worker = self._idle.pop()
             self._send(worker, 1)
             if worker.state == "idle":  # nothing was left to send: every queued job was over
-                self._idle.append(worker)
+                self._make_idle(worker)
                 break
         if self._queue:
             busy = [w for w in self._workers.values() if w.state == "busy"]
@@ -454,17 +487,29 @@ class Supervisor:
 
     def _start_head(self, worker: _Worker, job: Job) -> None:
         """``job`` is the one ``worker`` runs now: its timeout and the memory watch start."""
+        now = self._mark_head(worker, job)
+        if job.cancel_requested:
+            self._cancel_head(worker)
+        else:
+            self._arm(worker, job, now)
+
+    @staticmethod
+    def _mark_head(worker: _Worker, job: Job) -> float:
         worker.job_started = now = time.monotonic()
         worker.state = "busy"
         worker.job = job
-        if job.cancel_requested:
-            self._cancel_head(worker)
-            return
+        return now
+
+    def _arm(self, worker: _Worker, job: Job, started: float) -> None:
+        """Start ``job``'s timeout and the memory watch (the job became a head at ``started``)."""
+        if worker.job is not job or worker.job_started != started:
+            return  # over already
         if job.timeout is not None:
-            self._at(now + job.timeout, functools.partial(self._on_timeout, worker, job, now))
+            when = started + job.timeout
+            self._at(when, functools.partial(self._on_timeout, worker, job, started))
         if self.settings.max_memory is not None and not self._memory_watch_armed:
             self._memory_watch_armed = True
-            self._at(now + self.settings.memory_check_interval, self._check_memory)
+            self._at(started + self.settings.memory_check_interval, self._check_memory)
 
     def _next_head(self, worker: _Worker) -> None:
         """``worker``'s head is finished: the next waiting job is its head, or it is idle."""
@@ -486,8 +531,23 @@ class Supervisor:
             self._stop(worker)
             self._top_up()
         else:
+            self._make_idle(worker)
+
+    def _make_idle(self, worker: _Worker) -> None:
+        with self.lock:  # submitters take idle workers (``_send_now``)
             worker.state = "idle"
             self._idle.append(worker)
+
+    def _take_from_idle(self, worker: _Worker, state: WorkerState | None = None) -> bool:
+        """Take ``worker`` out of the idle list (if it is there) and set its state, atomically
+        against submitters; return whether it was idle."""
+        with self.lock:
+            idle = worker in self._idle
+            if idle:
+                self._idle.remove(worker)
+            if state is not None:
+                worker.state = state
+        return idle
 
     def _recall(self, worker: _Worker, jobs: list[Job]) -> None:
         """Ask ``worker`` to give back these waiting jobs if it has not started them."""
@@ -580,11 +640,10 @@ class Supervisor:
         self._failures_in_row = 0
         self._start_error = None
         self._next_start_at = 0.0
-        worker.state = "idle"
         if self._closing:
             self._stop(worker)
         else:
-            self._idle.append(worker)
+            self._make_idle(worker)
 
     def _on_reply(self, worker: _Worker, tag: bytes, frame: bytes) -> None:
         _, job_id = msg.ID_HEAD.unpack_from(frame)
@@ -593,6 +652,7 @@ class Supervisor:
         if job is None or job.id != job_id:
             return  # not this worker's head: it was already given an outcome
         worker.jobs_done += 1
+        self._next_head(worker)  # first: a caller woken by this outcome finds the worker idle
         if tag == msg.RETURNED:
             try:
                 value = pickle.loads(body)
@@ -610,7 +670,6 @@ class Supervisor:
             self._resolve(job, _remote_exception(job, *pickle.loads(body)), "failed")
         else:
             self._resolve(job, self._missed_error(job), "missed")
-        self._next_head(worker)
 
     def _on_exit(self, worker: _Worker, mask: int = 0) -> None:
         while worker.listening and _poll(worker.conn):
@@ -620,8 +679,7 @@ class Supervisor:
             worker.listening = False
         self._selector.unregister(worker.process.sentinel)
         worker.conn.close()
-        if worker in self._idle:
-            self._idle.remove(worker)
+        self._take_from_idle(worker)
         self._reap(worker, time.monotonic())
 
     def _reap(self, worker: _Worker, since: float) -> None:
@@ -824,9 +882,7 @@ class Supervisor:
         """Kill ``worker``'s process group; its death resolves its job with ``error``."""
         if worker.state == "killing":
             return
-        if worker in self._idle:
-            self._idle.remove(worker)
-        worker.state = "killing"
+        self._take_from_idle(worker, "killing")
         worker.kill_error = error
         grace = self.settings.kill_grace
         if graceful and grace > 0:
@@ -894,8 +950,7 @@ class Supervisor:
             )
             self._resolve(job, error, "cancelled")
         for worker in list(self._workers.values()):
-            if worker.state == "idle":
-                self._idle.remove(worker)
+            if self._take_from_idle(worker):
                 self._stop(worker)
             elif worker.state == "starting":
                 self._kill(worker, None, graceful=False)
