@@ -2,7 +2,8 @@
 
 ::
 
-    submit() --> incoming --+                          +--> worker process (its jobs in order,
+    submit() --> incoming --+    (or straight to an idle worker, if none are queued)
+                            |                          +--> worker process (its jobs in order,
       (any thread)          |   supervisor thread      |      one at a time; one reply each)
                             v                          |
                 wake-up pipe --> selector.select() --> dispatch: a job to each idle worker;
@@ -21,8 +22,10 @@ the supervisor recalls (another worker went idle, a deadline passed, a cancel, s
 has not started them. A worker that dies takes only its head with it: the jobs waiting in it
 never started, and go back to the front of the queue.
 
-Everything below runs on the supervisor thread except ``submit``, ``request`` and ``snapshot``,
-which only touch ``incoming``/``commands`` under the lock, and read plain attributes.
+Everything below runs on the supervisor thread except ``submit`` (with ``_send_now``),
+``request`` and ``snapshot``. They touch ``incoming``, ``commands`` and the idle workers only
+under the lock (``submit`` may take an idle worker and write a job to it), and read plain
+attributes; the supervisor thread takes the same lock whenever it changes the idle list.
 """
 
 from __future__ import annotations
