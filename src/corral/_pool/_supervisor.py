@@ -124,6 +124,7 @@ class _Worker:
     job: Job | None = None  # the head
     waiting: dict[int, Job] = field(default_factory=dict)  # sent behind the head, in order
     waiting_bytes: int = 0
+    writing: bool = False  # a submitting thread is writing a job to it (``_send_now``)
     job_started: float = 0.0
     jobs_done: int = 0
     kill_error: JobError | None = None
@@ -244,8 +245,11 @@ class Supervisor:
         # Its head before the write: the reply can come (and be read) before os.write returns.
         job.worker = worker
         now = self._mark_head(worker, job)
+        worker.writing = True
         try:
             sent = os.write(worker.conn.fileno(), job.frame)
+            if sent < len(job.frame):
+                _write_all(worker.conn.fileno(), job.frame[sent:])
         except OSError as exc:
             job.worker = worker.job = None
             if isinstance(exc, BlockingIOError):  # its socket is full: the supervisor sends it
@@ -254,8 +258,8 @@ class Supervisor:
             else:  # it died; its sentinel will say how
                 worker.state = "killing"
             return False
-        if sent < len(job.frame):
-            _write_all(worker.conn.fileno(), job.frame[sent:])
+        finally:
+            worker.writing = False
         if job.timeout is not None or self.settings.max_memory is not None:
             self.commands.append(functools.partial(self._arm, worker, job, now))
             self._wake()
@@ -446,6 +450,8 @@ class Supervisor:
 
     def _send(self, worker: _Worker, count: int) -> None:
         """Send ``worker`` up to ``count`` queued jobs in one write (first the head, if idle)."""
+        if worker.writing:
+            return  # a submitter is writing its head to it: no two writers on one socket
         max_jobs = self.settings.max_jobs_per_worker
         if max_jobs is not None:
             assigned = worker.jobs_done + len(worker.waiting) + (worker.job is not None)
