@@ -26,6 +26,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The soak tests get time in proportion to ``--soak-jobs`` (the default timeout is 60 s)."""
+    seconds = 60 + config.getoption("--soak-jobs") / 50
+    for item in items:
+        if item.path.stem == "test_soak":
+            item.add_marker(pytest.mark.timeout(seconds))
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Return ``predicate()``'s first truthy value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
