@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -308,3 +309,23 @@ def test_a_worker_stopped_in_the_middle_of_a_message_cannot_stall_supervision(
     with pytest.raises(JobTimeoutError):
         stuck.result(20)  # and the deadline is still enforced
     assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_a_worker_that_stops_reading_cannot_stall_supervision(make_pool: PoolFactory) -> None:
+    """A job bigger than the socket's buffer, sent to a worker stopped by SIGSTOP: the rest of it
+    waits in the supervisor's outbox, and timeouts and the other worker carry on."""
+    pool = make_pool(workers=2, kill_grace=0.1)
+    blocker = pool.submit(jobs.sleep, 60, timeout=1)
+    [busy] = wait_until(lambda: busy_pids(pool))
+    [frozen] = [pid for pid in worker_pids(pool) if pid != busy]
+    os.kill(frozen, signal.SIGSTOP)  # idle, and now it will never read
+    try:
+        big = pool.submit(jobs.echo, b"x" * (8 << 20), timeout=0.5)  # to the only idle worker
+        with pytest.raises(JobTimeoutError):
+            big.result(20)  # the supervisor was not stuck writing to it
+        with pytest.raises(JobTimeoutError):
+            blocker.result(20)
+        assert pool.submit(jobs.add, 1, 2).result(20) == 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)

@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import pickle
-import select
 import selectors
 import signal
 import sys
@@ -125,6 +124,7 @@ class _Worker:
     waiting: dict[int, Job] = field(default_factory=dict)  # sent behind the head, in order
     waiting_bytes: int = 0
     writing: bool = False  # a submitting thread is writing a job to it (``_send_now``)
+    outbox: bytearray = field(default_factory=bytearray)  # written when its socket has room
     job_started: float = 0.0
     jobs_done: int = 0
     kill_error: JobError | None = None
@@ -237,7 +237,7 @@ class Supervisor:
     def _send_now(self, job: Job) -> bool:
         """Write ``job`` to an idle worker from the submitting thread (lock held): the job starts
         without waiting for the supervisor thread. ``False``: it could not; queue it."""
-        if len(job.frame) > _BATCH_FRAME:
+        if len(job.frame) > _BATCH_FRAME or self._idle[-1].outbox:
             return False
         worker = self._idle.pop()
         job.future.set_running_or_notify_cancel()  # new: nobody can have cancelled it yet
@@ -248,8 +248,10 @@ class Supervisor:
         worker.writing = True
         try:
             sent = os.write(worker.conn.fileno(), job.frame)
-            if sent < len(job.frame):
-                _write_all(worker.conn.fileno(), job.frame[sent:])
+            if sent < len(job.frame):  # the rest when its socket has room, never waiting here
+                worker.outbox += job.frame[sent:]
+                self.commands.append(functools.partial(self._watch_writable, worker))
+                self._wake()
         except OSError as exc:
             job.worker = worker.job = None
             if isinstance(exc, BlockingIOError):  # its socket is full: the supervisor sends it
@@ -478,7 +480,7 @@ class Supervisor:
         if not batch:
             return
         try:
-            _write_all(worker.conn.fileno(), b"".join(job.frame for job in batch))
+            self._write(worker, b"".join(job.frame for job in batch))
         except OSError:
             # The worker died; its sentinel will say how. These jobs never started.
             self._queue.extendleft(reversed(batch))
@@ -564,7 +566,7 @@ class Supervisor:
             job.recalling = True
         message = msg.frame(msg.RECALL + pickle.dumps([job.id for job in jobs]))
         with contextlib.suppress(OSError):  # it died: its death returns them
-            _write_all(worker.conn.fileno(), message)
+            self._write(worker, message)
 
     def _on_recalled(self, worker: _Worker, job_ids: list[int]) -> None:
         returned = []
@@ -602,6 +604,40 @@ class Supervisor:
                 requeue.append(job)
         self._queue.extendleft(reversed(requeue))
         self.counters.queued += len(requeue)
+
+    def _write(self, worker: _Worker, data: bytes) -> None:
+        """Write ``data`` to ``worker`` without ever waiting: what its socket cannot take now
+        waits in its outbox, written as room appears (a worker that stops reading, even one
+        stopped by SIGSTOP, cannot stall supervision). Raises OSError if it is dead."""
+        if worker.outbox:
+            worker.outbox += data
+            return
+        try:
+            sent = os.write(worker.conn.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            worker.outbox += data[sent:]
+            self._watch_writable(worker)
+
+    def _watch_writable(self, worker: _Worker) -> None:
+        if worker.listening:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outbox else 0)
+            self._selector.modify(worker.conn, events, functools.partial(self._on_channel, worker))
+
+    def _on_channel(self, worker: _Worker, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and worker.outbox:
+            try:
+                sent = os.write(worker.conn.fileno(), worker.outbox)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # it died: its sentinel says how
+                sent = len(worker.outbox)
+            del worker.outbox[:sent]
+            if not worker.outbox:
+                self._watch_writable(worker)
+        if mask & selectors.EVENT_READ:
+            self._on_readable(worker)
 
     def _on_readable(self, worker: _Worker, mask: int = 0) -> None:
         """Read what the worker's socket holds (one read, never waiting), then each whole frame.
@@ -776,7 +812,7 @@ class Supervisor:
         self._workers[worker.pid] = worker
         os.set_blocking(parent_conn.fileno(), False)
         self._selector.register(
-            parent_conn, selectors.EVENT_READ, functools.partial(self._on_readable, worker)
+            parent_conn, selectors.EVENT_READ, functools.partial(self._on_channel, worker)
         )
         self._selector.register(
             process.sentinel, selectors.EVENT_READ, functools.partial(self._on_exit, worker)
@@ -910,7 +946,7 @@ class Supervisor:
         """Ask an idle worker to exit; kill it if it does not."""
         worker.state = "stopping"
         try:
-            worker.conn.send_bytes(msg.STOP)
+            self._write(worker, msg.frame(msg.STOP))
         except OSError:
             return
         self._at(
@@ -1077,16 +1113,6 @@ def _killpg(pgid: int, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pgid, sig)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to a non-blocking socket, waiting while its buffer is full."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [])
 
 
 def _poll(conn: Connection) -> bool:
