@@ -443,7 +443,7 @@ class Supervisor:
                 for worker in busy:
                     if self._queue:
                         self._send(worker, depth - len(worker.waiting))
-        elif self._idle:
+        elif self._idle and self._waiting:
             # Nothing queued and a worker idles: take back the jobs waiting behind others.
             for worker in self._workers.values():
                 waiting = [job for job in worker.waiting.values() if not job.recalling]
@@ -528,10 +528,8 @@ class Supervisor:
         if worker.state != "busy":
             return  # being killed or stopped: its death or exit finishes it
         if worker.waiting:
-            job_id = next(iter(worker.waiting))
-            job = worker.waiting.pop(job_id)
-            worker.waiting_bytes -= len(job.frame)
-            self._waiting -= 1
+            job = self._unwait(worker, next(iter(worker.waiting)))
+            assert job is not None
             self._start_head(worker, job)
             return
         max_jobs = self.settings.max_jobs_per_worker
@@ -543,6 +541,14 @@ class Supervisor:
             self._top_up()
         else:
             self._make_idle(worker)
+
+    def _unwait(self, worker: _Worker, job_id: int) -> Job | None:
+        """Take job ``job_id`` off ``worker``'s waiting jobs (``None``: it is not one of them)."""
+        job = worker.waiting.pop(job_id, None)
+        if job is not None:
+            worker.waiting_bytes -= len(job.frame)
+            self._waiting -= 1
+        return job
 
     def _make_idle(self, worker: _Worker) -> None:
         with self.lock:  # submitters take idle workers (``_send_now``)
@@ -571,10 +577,8 @@ class Supervisor:
     def _on_recalled(self, worker: _Worker, job_ids: list[int]) -> None:
         returned = []
         for job_id in job_ids:
-            job = worker.waiting.pop(job_id, None)
+            job = self._unwait(worker, job_id)
             if job is not None:
-                worker.waiting_bytes -= len(job.frame)
-                self._waiting -= 1
                 returned.append(job)
             elif worker.job is not None and worker.job.id == job_id:
                 returned.append(worker.job)  # the supervisor took it for started; it was not
@@ -743,8 +747,9 @@ class Supervisor:
         del self._workers[worker.pid]
         was_starting = worker.state == "starting"
         job, worker.job = worker.job, None
-        unstarted, worker.waiting = list(worker.waiting.values()), {}
-        self._waiting -= len(unstarted)
+        unstarted = list(worker.waiting.values())
+        for waiting in unstarted:
+            self._unwait(worker, waiting.id)
         self._return_unstarted(unstarted)
         if was_starting and not self._closing:
             cause = worker.start_error or (
