@@ -294,3 +294,9 @@ def create(path: str) -> int:
     with open(path, "x"):
         pass
     return os.getpid()
+
+
+def hold_then_log(fifo: str, message: str) -> str:
+    """Block until released through ``fifo``, then log and print ``message``."""
+    hold(fifo)
+    return log_and_print(message)

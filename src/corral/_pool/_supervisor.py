@@ -22,10 +22,15 @@ the supervisor recalls (another worker went idle, a deadline passed, a cancel, s
 has not started them. A worker that dies takes only its head with it: the jobs waiting in it
 never started, and go back to the front of the queue.
 
-Everything below runs on the supervisor thread except ``submit`` (with ``_send_now``),
-``request`` and ``snapshot``. They touch ``incoming``, ``commands`` and the idle workers only
-under the lock (``submit`` may take an idle worker and write a job to it), and read plain
-attributes; the supervisor thread takes the same lock whenever it changes the idle list.
+A caller waiting on a job that ``submit`` wrote to an idle worker reads that worker's socket
+itself (``pick_up``): the reply reaches the caller without waking the supervisor thread.
+
+Two locks. ``state_lock`` guards the supervisor's own state (workers, queue, timers, selector):
+the supervisor thread holds it except while it waits in select(), and a caller reading a reply
+holds it while it handles what it read, with the same methods. ``lock`` guards what any thread
+may touch: ``incoming``, ``commands`` and the idle list (``submit`` may take an idle worker and
+write a job to it, ``_send_now``); whoever holds both took ``state_lock`` first. ``snapshot``
+reads plain attributes without either.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import logging
 import math
 import os
 import pickle
+import select
 import selectors
 import signal
 import sys
@@ -83,15 +89,40 @@ _WATCH_INTERVAL = 0.1  # how often a worker checks its parent, and reads while a
 _BATCH_JOBS = 64  # at most this many jobs wait in one worker
 _BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
 _BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
+_HAVE_POLL = hasattr(select, "poll")
 
 
 class JobFuture(Future[Any]):
-    """A :class:`concurrent.futures.Future` that knows its job."""
+    """A :class:`concurrent.futures.Future` that knows its job.
+
+    Waiting on it with :meth:`result` or :meth:`exception` may read the job's reply on the
+    waiting thread itself (see ``Supervisor.pick_up``), so that the outcome does not wait for
+    the supervisor thread to wake up.
+    """
 
     def __init__(self, job_id: int, label: str | None) -> None:
         super().__init__()
         self.job_id = job_id
         self.label = label
+        self._pickup: tuple[Supervisor, Job] | None = None  # set when submit wrote the job itself
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._pick_up(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._pick_up(timeout))
+
+    def _pick_up(self, timeout: float | None) -> float | None:
+        """Read the reply on this thread if it may; return what is left of ``timeout``."""
+        pickup, self._pickup = self._pickup, None
+        if pickup is None or self.done():
+            return timeout
+        if timeout is None:
+            pickup[0].pick_up(pickup[1], None)
+            return None
+        deadline = time.monotonic() + timeout
+        pickup[0].pick_up(pickup[1], deadline)
+        return max(0.0, deadline - time.monotonic())
 
 
 @dataclass(eq=False, slots=True)
@@ -129,7 +160,10 @@ class _Worker:
     jobs_done: int = 0
     kill_error: JobError | None = None
     start_error: str | None = None
-    listening: bool = True  # its socket is registered with the selector
+    reading: bool = True  # its socket has not reached its end
+    watched: bool = True  # its socket is registered with the selector
+    picker: bool = False  # a caller reads its socket (``pick_up``); not watched meanwhile
+    exited: bool = False  # its exit was handled while a caller read: the caller closes the socket
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
 
 
@@ -169,12 +203,19 @@ class Supervisor:
         self.name = name
         self.counters = _Counters()
         self.lock = threading.Lock()
+        # The supervisor's own state (workers, queue, timers, selector) is changed only by the
+        # thread that holds ``state_lock``: the supervisor thread, which lets go of it only while
+        # it waits in select(), or a caller reading its own reply (``pick_up``).
+        self.state_lock = threading.Lock()
+        self._owner: int | None = None  # the thread that holds state_lock
         self.incoming: deque[Job] = deque()
         self.commands: deque[Callable[[], None]] = deque()
         self.accepting = True
         self.finished = threading.Event()
         self._wake_pending = False
         self._sleeping = False  # the supervisor waits in select() with nothing taken in
+        self._sleep_until = math.inf  # when it wakes up by itself, if it sleeps
+        self._stopped = False  # its selector is closed
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._selector = selectors.DefaultSelector()
@@ -250,8 +291,10 @@ class Supervisor:
             sent = os.write(worker.conn.fileno(), job.frame)
             if sent < len(job.frame):  # the rest when its socket has room, never waiting here
                 worker.outbox += job.frame[sent:]
-                self.commands.append(functools.partial(self._watch_writable, worker))
+                self.commands.append(functools.partial(self._watch, worker))
                 self._wake()
+            else:
+                job.future._pickup = (self, job)
         except OSError as exc:
             job.worker = worker.job = None
             if isinstance(exc, BlockingIOError):  # its socket is full: the supervisor sends it
@@ -348,9 +391,74 @@ class Supervisor:
 
         self.request(command)
 
+    def pick_up(self, job: Job, deadline: float | None) -> None:
+        """Wait for ``job``'s reply on the calling thread, reading its worker's socket here.
+
+        ``submit`` wrote the job to an idle worker itself; a caller now waiting for its outcome
+        takes that worker's socket from the selector, waits for it to be readable, and handles
+        what it reads under ``state_lock``, exactly as the supervisor thread would (the reply,
+        and any log records or output before it). The supervisor thread sleeps on: one thread
+        hand-off less per job. Its timers still run: a timeout or a memory kill ends the worker,
+        and so the wait. Returns when the job is over, at ``deadline`` (``time.monotonic()``),
+        or at once if the job is not its worker's head any more or another thread reads.
+        """
+        if self._owner == threading.get_ident():
+            return  # a done-callback run while this thread handles replies: it cannot wait here
+        with self.state_lock:
+            worker = job.worker
+            if job.done or worker is None or worker.job is not job or worker.picker:
+                return
+            if not worker.reading or worker.outbox or self._stopped:
+                return
+            worker.picker = True
+            self._unwatch(worker)
+        fd = worker.conn.fileno()
+        try:
+            while deadline is None or (wait := deadline - time.monotonic()) > 0:
+                readable = _wait_readable(fd, None if deadline is None else wait)
+                self._hold()
+                try:
+                    if readable:
+                        self._on_readable(worker)
+                    if job.done or not worker.reading:
+                        break
+                except Exception as exc:  # a bug: the supervisor thread fails as if it were its own
+                    with self.lock:
+                        self.commands.append(functools.partial(_reraise, exc))
+                    break
+                finally:
+                    self._let_go()
+        finally:
+            self._hold()
+            try:
+                worker.picker = False
+                if worker.exited:
+                    worker.conn.close()
+                else:
+                    self._watch(worker)
+                with self.lock:
+                    if self._sleeping and (
+                        self.commands
+                        or self._queue
+                        or self._waiting  # the worker may be idle now: dispatch or recall
+                        or self._next_timer() < self._sleep_until  # a timer it must keep
+                    ):
+                        self._wake()
+            finally:
+                self._let_go()
+
     # -- the supervisor thread ----------------------------------------------------------------
 
+    def _hold(self) -> None:
+        self.state_lock.acquire()
+        self._owner = threading.get_ident()
+
+    def _let_go(self) -> None:
+        self._owner = None
+        self.state_lock.release()
+
     def _run(self) -> None:
+        self._hold()
         try:
             self._top_up()
             while True:
@@ -360,10 +468,16 @@ class Supervisor:
                 with self.lock:
                     taking_in = bool(self.incoming or self.commands)
                     self._sleeping = not taking_in
+                    self._sleep_until = self._next_timer()
                 if taking_in:
                     self._take_in()
                     delay = 0
-                for key, mask in self._selector.select(delay):
+                self._let_go()
+                try:
+                    events = self._selector.select(delay)
+                finally:
+                    self._hold()
+                for key, mask in events:
                     key.data(mask)
                 self._sleeping = False
                 self._dispatch()
@@ -377,10 +491,12 @@ class Supervisor:
                 _killpg(pgid, signal.SIGKILL)
             with self.lock:
                 self.accepting = False
+                self._stopped = True
                 self._selector.close()
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self.finished.set()
+            self._let_go()
 
     def _on_wake(self, mask: int = 0) -> None:
         try:
@@ -622,12 +738,25 @@ class Supervisor:
             sent = 0
         if sent < len(data):
             worker.outbox += data[sent:]
-            self._watch_writable(worker)
+            self._watch(worker)
 
-    def _watch_writable(self, worker: _Worker) -> None:
-        if worker.listening:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outbox else 0)
-            self._selector.modify(worker.conn, events, functools.partial(self._on_channel, worker))
+    def _watch(self, worker: _Worker) -> None:
+        """Register ``worker``'s socket with the selector for reading, and for writing while its
+        outbox holds anything; not while a caller reads it, nor after its end."""
+        if worker.picker or not worker.reading or self._stopped:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outbox else 0)
+        handler = functools.partial(self._on_channel, worker)
+        if worker.watched:
+            self._selector.modify(worker.conn, events, handler)
+        else:
+            self._selector.register(worker.conn, events, handler)
+            worker.watched = True
+
+    def _unwatch(self, worker: _Worker) -> None:
+        if worker.watched:
+            self._selector.unregister(worker.conn)
+            worker.watched = False
 
     def _on_channel(self, worker: _Worker, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and worker.outbox:
@@ -639,8 +768,8 @@ class Supervisor:
                 sent = len(worker.outbox)
             del worker.outbox[:sent]
             if not worker.outbox:
-                self._watch_writable(worker)
-        if mask & selectors.EVENT_READ:
+                self._watch(worker)
+        if mask & selectors.EVENT_READ and not worker.picker:  # else that caller reads it
             self._on_readable(worker)
 
     def _on_readable(self, worker: _Worker, mask: int = 0) -> None:
@@ -649,8 +778,8 @@ class Supervisor:
         A frame a worker has only half written stays in ``worker.inbox``: a worker stopped in the
         middle of a write can never stall supervision.
         """
-        if not worker.listening:
-            return  # closed by _on_exit earlier in the same batch of events
+        if not worker.reading:
+            return  # its end was read earlier in the same batch of events
         try:
             data = os.read(worker.conn.fileno(), msg.READ_SIZE)
         except BlockingIOError:
@@ -658,8 +787,8 @@ class Supervisor:
         except OSError:
             data = b""
         if not data:
-            self._selector.unregister(worker.conn)
-            worker.listening = False
+            worker.reading = False
+            self._unwatch(worker)
             return
         worker.inbox += data
         for frame in msg.frames(worker.inbox):
@@ -721,13 +850,15 @@ class Supervisor:
             self._resolve(job, self._missed_error(job), "missed")
 
     def _on_exit(self, worker: _Worker, mask: int = 0) -> None:
-        while worker.listening and _poll(worker.conn):
+        while worker.reading and _poll(worker.conn):
             self._on_readable(worker)  # a reply sent just before the exit still counts
-        if worker.listening:
-            self._selector.unregister(worker.conn)
-            worker.listening = False
+        worker.reading = False
+        self._unwatch(worker)
         self._selector.unregister(worker.process.sentinel)
-        worker.conn.close()
+        if worker.picker:
+            worker.exited = True  # a caller waits on its socket: it closes it when it stops
+        else:
+            worker.conn.close()
         self._take_from_idle(worker)
         self._reap(worker, time.monotonic())
 
@@ -877,11 +1008,14 @@ class Supervisor:
             if when > now:
                 break
             heapq.heappop(self._timers)[2]()
-        nearest = min(
-            self._timers[0][0] if self._timers else math.inf,
-            deadlines[0][0] if deadlines else math.inf,
-        )
+        nearest = self._next_timer()
         return None if nearest == math.inf else max(0.0, nearest - time.monotonic())
+
+    def _next_timer(self) -> float:
+        return min(
+            self._timers[0][0] if self._timers else math.inf,
+            self._deadlines[0][0] if self._deadlines else math.inf,
+        )
 
     def _cancel_head(self, worker: _Worker) -> None:
         job = worker.job
@@ -1118,6 +1252,19 @@ def _killpg(pgid: int, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pgid, sig)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _wait_readable(fd: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` is readable (or at its end); ``False`` if ``timeout`` passed first."""
+    if _HAVE_POLL:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else math.ceil(timeout * 1000)))
+    return bool(select.select([fd], [], [], timeout)[0])
 
 
 def _poll(conn: Connection) -> bool:

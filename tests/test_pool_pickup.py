@@ -1,0 +1,222 @@
+"""A caller waiting on a job that ``submit`` wrote to an idle worker reads the reply itself.
+
+Each test holds the job at a gate (a named pipe) until the caller is seen reading the worker's
+socket, so the reply is always read by the caller, never by a supervisor that got there first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import jobs
+from conftest import PoolFactory, wait_until, worker_pids
+from corral import JobTimeoutError, Pool, WorkerDiedError
+from test_pool_batches import Gate
+
+
+def picking(pool: Pool) -> bool:
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    return any(worker.picker for worker in list(supervisor._workers.values()))
+
+
+def once_picking(pool: Pool, then: Callable[[], object]) -> threading.Thread:
+    """Run ``then`` on a thread of its own as soon as a caller reads a worker's socket."""
+
+    def run() -> None:
+        wait_until(lambda: picking(pool), what="the caller to read the worker's socket")
+        then()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def resolved_on(future: Future[Any]) -> list[threading.Thread]:
+    """The thread that resolves ``future`` runs its done-callbacks: collect it."""
+    threads: list[threading.Thread] = []
+    future.add_done_callback(lambda _: threads.append(threading.current_thread()))
+    return threads
+
+
+def test_the_waiting_caller_reads_its_reply_and_the_supervisor_reads_the_rest(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold, gate.path)
+    resolvers = resolved_on(future)
+    releaser = once_picking(pool, gate.release)
+    assert future.result(10) == worker_pids(pool)[0]
+    releaser.join(10)
+    assert resolvers == [threading.current_thread()]
+    assert not picking(pool)
+
+    # Nobody waits on this one: the supervisor thread reads its reply.
+    unwatched = pool.submit(jobs.add, 1, 2)
+    resolvers = resolved_on(unwatched)
+    wait_until(unwatched.done, what="the job to end")
+    assert resolvers[0].name.endswith("-supervisor")
+    assert unwatched.result() == 3
+
+
+def test_logs_and_output_before_the_reply_are_handled_by_the_reading_caller(
+    make_pool: PoolFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO)
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold_then_log, gate.path, "hi", label="talker")
+    releaser = once_picking(pool, gate.release)
+    assert future.result(10) == "hi"
+    releaser.join(10)
+    [record] = [r for r in caplog.records if r.name == "tests.jobs"]
+    assert record.getMessage() == "job says hi"
+    assert record.corral_job_label == "talker"  # type: ignore[attr-defined]
+    out, err = capsys.readouterr()
+    assert "stdout: hi\n" in out
+    assert "stderr: hi\n" in err
+
+
+def test_a_worker_killed_while_its_caller_reads_gives_one_outcome_and_is_replaced(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold, gate.path)
+    [pid] = worker_pids(pool)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    worker = supervisor._workers[pid]
+    killer = once_picking(pool, lambda: os.kill(pid, signal.SIGKILL))
+    with pytest.raises(WorkerDiedError, match="SIGKILL"):
+        future.result(10)
+    killer.join(10)
+    wait_until(lambda: worker.conn.closed, what="the dead worker's socket to be closed")
+    assert pool.submit(jobs.add, 1, 2).result(10) == 3
+    assert pool.statistics().crashed == 1
+
+
+def test_a_timeout_ends_the_job_while_its_caller_reads(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1, kill_grace=0.1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold, gate.path, timeout=0.5)
+    seen = threading.Event()
+    watcher = once_picking(pool, seen.set)
+    with pytest.raises(JobTimeoutError):
+        future.result(10)
+    watcher.join(10)
+    assert seen.is_set()
+    assert pool.submit(jobs.add, 2, 2).result(10) == 4
+
+
+def test_a_caller_that_stops_waiting_leaves_the_reply_to_the_supervisor(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold, gate.path)
+    seen = threading.Event()
+    watcher = once_picking(pool, seen.set)
+    with pytest.raises(TimeoutError):
+        future.result(0.3)
+    watcher.join(10)
+    assert seen.is_set()
+    assert not picking(pool)
+    resolvers = resolved_on(future)
+    gate.release()
+    assert future.result(10) == worker_pids(pool)[0]
+    assert resolvers[0].name.endswith("-supervisor")
+
+
+def test_a_worker_recycled_by_the_reading_caller_is_replaced_and_the_queue_goes_on(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """The reply makes the worker reach ``max_jobs_per_worker`` on the caller's thread: the
+    caller stops it, starts its replacement, and wakes the supervisor for the queued job."""
+    pool = make_pool(workers=1, max_jobs_per_worker=1)
+    gate = Gate(tmp_path / "gate")
+    first = pool.submit(jobs.hold, gate.path)
+    second = pool.submit(jobs.pid)  # queued: the worker has taken its one job
+    releaser = once_picking(pool, gate.release)
+    first_pid = first.result(10)
+    releaser.join(10)
+    assert second.result(10) != first_pid
+    assert pool.statistics().recycled >= 1
+
+
+def test_two_threads_waiting_on_one_job_both_get_its_value(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    future = pool.submit(jobs.hold, gate.path)
+    values: list[int] = []
+    other = threading.Thread(target=lambda: values.append(future.result(10)))
+    other.start()
+    releaser = once_picking(pool, gate.release)
+    values.append(future.result(10))
+    other.join(10)
+    releaser.join(10)
+    assert values == [worker_pids(pool)[0]] * 2
+
+
+def test_back_to_back_round_trips_each_get_their_reply(make_pool: PoolFactory) -> None:
+    """A job with a timeout wakes the supervisor (to arm it), so the reply often arrives while
+    the supervisor is awake and the caller is about to read: one of them takes it, every time."""
+    pool = make_pool(workers=2)
+    for number in range(5000):
+        assert pool.submit(jobs.echo, number, timeout=30).result(10) == number
+    assert pool.statistics().completed == 5000
+
+
+def test_a_reply_that_arrives_before_the_caller_waits_is_read_once(
+    make_pool: PoolFactory,
+) -> None:
+    """The supervisor has seen the reply but not read it when the caller starts to read: the
+    caller reads it, and the supervisor, handling what it saw, leaves it alone."""
+    pool = make_pool(workers=1)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    [pid] = worker_pids(pool)
+    conn = supervisor._workers[pid].conn
+
+    def inside(thread: threading.Thread, function: str) -> bool:
+        frame = sys._current_frames().get(thread.ident or 0)
+        while frame is not None and frame.f_code.co_name != function:
+            frame = frame.f_back
+        return frame is not None
+
+    def wait_for(future: Future[Any], values: list[Any]) -> threading.Thread:
+        # No timeout: a caller left waiting for a reply that someone else read would hang.
+        thread = threading.Thread(target=lambda: values.append(future.result()), daemon=True)
+        thread.start()
+        return thread
+
+    for number in range(20):
+        values: list[int] = []
+        with supervisor.state_lock:  # the supervisor can see the reply, not handle it
+            caller = wait_for(pool.submit(jobs.echo, number), values)
+            wait_until(lambda: inside(caller, "pick_up"), what="the caller to wait")  # noqa: B023
+            assert select.select([conn], [], [], 10)[0], "no reply"
+            # The supervisor saw it, and waits for the lock behind the caller (which gets the
+            # lock first on this platform; if not, the supervisor reads the reply: also right).
+            wait_until(lambda: inside(supervisor._thread, "_hold"), what="the supervisor to wait")
+        caller.join(10)
+        assert values == [number], "the caller still waits for a reply that was read"
