@@ -48,12 +48,16 @@ ID_HEAD = struct.Struct("!cQ")  # tag, job id
 READ_SIZE = 1 << 16
 
 
+def header(size: int) -> bytes:
+    """What goes before a payload of ``size`` bytes."""
+    if size > 0x7FFFFFFF:
+        return HEADER.pack(-1) + _LONG_HEADER.pack(size)
+    return HEADER.pack(size)
+
+
 def frame(payload: bytes) -> bytes:
     """``payload`` framed for the other side."""
-    size = len(payload)
-    if size > 0x7FFFFFFF:
-        return HEADER.pack(-1) + _LONG_HEADER.pack(size) + payload
-    return HEADER.pack(size) + payload
+    return header(len(payload)) + payload
 
 
 def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:

@@ -89,7 +89,6 @@ _WATCH_INTERVAL = 0.1  # how often a worker checks its parent, and reads while a
 _BATCH_JOBS = 64  # at most this many jobs wait in one worker
 _BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
 _BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
-_HAVE_POLL = hasattr(select, "poll")
 
 
 class JobFuture(Future[Any]):
@@ -165,6 +164,11 @@ class _Worker:
     picker: bool = False  # a caller reads its socket (``pick_up``); not watched meanwhile
     exited: bool = False  # its exit was handled while a caller read: the caller closes the socket
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
+    poller: select.poll = field(init=False)  # for a caller waiting on its socket (``pick_up``)
+
+    def __post_init__(self) -> None:
+        self.poller = select.poll()
+        self.poller.register(self.conn.fileno(), select.POLLIN)
 
 
 @dataclass
@@ -412,40 +416,49 @@ class Supervisor:
                 return
             worker.picker = True
             self._unwatch(worker)
-        fd = worker.conn.fileno()
+        picking = True
         try:
             while deadline is None or (wait := deadline - time.monotonic()) > 0:
-                readable = _wait_readable(fd, None if deadline is None else wait)
+                readable = worker.poller.poll(None if deadline is None else math.ceil(wait * 1e3))
                 self._hold()
                 try:
                     if readable:
                         self._on_readable(worker)
                     if job.done or not worker.reading:
-                        break
+                        picking = False
+                        self._stop_picking(worker)
+                        return
                 except Exception as exc:  # a bug: the supervisor thread fails as if it were its own
                     with self.lock:
                         self.commands.append(functools.partial(_reraise, exc))
-                    break
+                    picking = False
+                    self._stop_picking(worker)
+                    return
                 finally:
                     self._let_go()
         finally:
-            self._hold()
-            try:
-                worker.picker = False
-                if worker.exited:
-                    worker.conn.close()
-                else:
-                    self._watch(worker)
-                with self.lock:
-                    if self._sleeping and (
-                        self.commands
-                        or self._queue
-                        or self._waiting  # the worker may be idle now: dispatch or recall
-                        or self._next_timer() < self._sleep_until  # a timer it must keep
-                    ):
-                        self._wake()
-            finally:
-                self._let_go()
+            if picking:  # the deadline passed, or the wait was interrupted
+                self._hold()
+                try:
+                    self._stop_picking(worker)
+                finally:
+                    self._let_go()
+
+    def _stop_picking(self, worker: _Worker) -> None:
+        """The caller stops reading ``worker`` (state lock held): back to the supervisor."""
+        worker.picker = False
+        if worker.exited:
+            worker.conn.close()
+        else:
+            self._watch(worker)
+        with self.lock:
+            if self._sleeping and (
+                self.commands
+                or self._queue
+                or self._waiting  # the worker may be idle now: dispatch or recall
+                or self._next_timer() < self._sleep_until  # a timer it must keep
+            ):
+                self._wake()
 
     # -- the supervisor thread ----------------------------------------------------------------
 
@@ -1256,15 +1269,6 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def _reraise(exc: BaseException) -> None:
     raise exc
-
-
-def _wait_readable(fd: int, timeout: float | None) -> bool:
-    """Wait until ``fd`` is readable (or at its end); ``False`` if ``timeout`` passed first."""
-    if _HAVE_POLL:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else math.ceil(timeout * 1000)))
-    return bool(select.select([fd], [], [], timeout)[0])
 
 
 def _poll(conn: Connection) -> bool:

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,17 +31,26 @@ from corral._pool import _messages as msg
 from corral._pool._launch import load_parent_main
 from corral._pool._refs import resolve
 
+_ONE_WRITE = 1 << 14  # a bigger message is written after its header, not copied behind it
+
 
 class _Channel:
     """The worker's end of the socket; sends from any thread of the job are serialised."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.fd = conn.fileno()
         self.lock = threading.Lock()
 
     def send(self, message: bytes) -> None:
+        """Send one frame (blocking until all of it is written)."""
+        head = msg.header(len(message))
+        parts = [head + message] if len(message) <= _ONE_WRITE else [head, message]
         with self.lock:
-            self.conn.send_bytes(message)
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(self.fd, view) :]
 
 
 class _Inbox:
@@ -250,13 +260,13 @@ def _run_job(
                 f"pass arguments whose classes the worker can import",
                 stage="arguments",
             ) from exc
-        fn = resolve(reference)
-        if inspect.iscoroutinefunction(fn):
+        fn, is_async = _function(reference)
+        if is_async:
             runner = runner or asyncio.Runner()
             value = runner.run(fn(*args, **kwargs))
         else:
             value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
+            if value is not None and inspect.isawaitable(value):
                 runner = runner or asyncio.Runner()
                 value = runner.run(_await(value))
     except BaseException as exc:  # a job's SystemExit is its outcome, not ours
@@ -280,6 +290,18 @@ def _run_job(
         )
         return _raised(job_id, error), runner
     return msg.ID_HEAD.pack(msg.RETURNED, job_id) + data, runner
+
+
+_functions: dict[str, tuple[Callable[..., Any], bool]] = {}
+
+
+def _function(reference: str) -> tuple[Callable[..., Any], bool]:
+    """The function ``reference`` names, and whether it is ``async def`` (looked up once)."""
+    found = _functions.get(reference)
+    if found is None:
+        fn = resolve(reference)
+        found = _functions[reference] = (fn, inspect.iscoroutinefunction(fn))
+    return found
 
 
 async def _await(awaitable: Any) -> Any:
@@ -321,8 +343,9 @@ def _capture_output(channel: _Channel) -> tuple[_ChannelWriter, _ChannelWriter]:
 
 def _flush(streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
     for stream in streams:
-        with contextlib.suppress(Exception):  # the channel is gone; nothing left to tell
-            stream.flush()
+        if stream.pending:
+            with contextlib.suppress(Exception):  # the channel is gone; nothing left to tell
+                stream.flush()
 
 
 def _capture_logging(channel: _Channel, level: int) -> None:
