@@ -3,12 +3,18 @@
     python benchmarks/pool.py [--jobs 20000] [--latency-jobs 2000] [--repeat 3] [--json FILE]
 
 Measures, on warm pools of 2 workers:
-- round trip: one no-op job submitted and its result received, one at a time (median, p99);
+- round trip: one no-op job submitted and its result received, one at a time (median, p99), with
+  the caller's threads on one CPU and the worker processes on the others; and on one core (all
+  of them on one CPU: what a round trip costs in CPU time);
 - throughput: ``--jobs`` no-op jobs submitted at once, until every result is in (jobs/s);
 - recovery: from a worker's crash to the next job's result.
 The floor is a raw round trip of the same pickled message over a pipe to one child process. For
-scale, a round trip between two Python threads (no process at all): every pool here hands each
-job to a thread of its own and back, so each pays that on top of the floor.
+scale, a round trip between two Python threads (no process at all): the stdlib's pool and loky
+hand each job to a thread of their own and back, so they pay that on top of the floor.
+
+Every contender is measured in the same run, in turns, and with the same placement on CPUs: left
+to the scheduler, two processes that answer each other run on one CPU or on two by chance, and
+the floor alone moves between about 15 and 80 us from one run to the next.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
@@ -218,44 +224,92 @@ def memory(jobs: int) -> dict[str, float]:
     }
 
 
-def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-
-    raw = RawPipe()
-    lat = round_trips(raw.call, latency_jobs)
-    raw.close()
-    results["raw pipe (floor)"] = _latency(lat)
-    handoff = ThreadHandOff()
-    lat = round_trips(handoff.call, latency_jobs)
-    handoff.close()
-    results["thread hand-off (for scale)"] = _latency(lat)
-
-    pool = corral_pool()
-    round_trips(lambda: pool.submit(noop).result(), 200)  # warm
-    lat = round_trips(lambda: pool.submit(noop).result(), latency_jobs)
-    tput = throughput(lambda: pool.submit(noop), lambda fs: [f.result() for f in fs] and None, jobs)
-    pool.shutdown()
-    results["corral Pool"] = {**_latency(lat), "throughput": tput}
-
-    executor = stdlib_pool()
-    round_trips(lambda: executor.submit(noop).result(), 200)
-    lat = round_trips(lambda: executor.submit(noop).result(), latency_jobs)
-    tput = throughput(
-        lambda: executor.submit(noop), lambda fs: [f.result() for f in fs] and None, jobs
-    )
-    executor.shutdown()
-    results["stdlib ProcessPoolExecutor"] = {**_latency(lat), "throughput": tput}
-
+@contextlib.contextmanager
+def placed(parent_cpus: set[int], child_cpus: set[int]) -> Iterator[None]:
+    """Run the block with this process's threads on ``parent_cpus`` and every process it
+    started on ``child_cpus``; then let all of them run anywhere again."""
+    me = psutil.Process()
+    everywhere = os.sched_getaffinity(0)
+    children = me.children(recursive=True)
     try:
+        for thread in me.threads():
+            os.sched_setaffinity(thread.id, parent_cpus)
+        for child in children:
+            with contextlib.suppress(OSError, psutil.Error):
+                os.sched_setaffinity(child.pid, child_cpus)
+        yield
+    finally:
+        for thread in me.threads():
+            os.sched_setaffinity(thread.id, everywhere)
+        for child in children:
+            with contextlib.suppress(OSError, psutil.Error):
+                os.sched_setaffinity(child.pid, everywhere)
+
+
+def interleaved_round_trips(
+    calls: dict[str, Callable[[], Any]], count: int, rounds: int = 5
+) -> dict[str, list[float]]:
+    """``count`` round trips of each call, in ``rounds`` blocks taken in turn, so that every
+    contender meets the machine in the same states."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name] += round_trips(call, count // rounds)
+    return times
+
+
+def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
+    raw = RawPipe()
+    handoff = ThreadHandOff()
+    pool = corral_pool()
+    executor = stdlib_pool()
+    calls: dict[str, Callable[[], Any]] = {
+        "raw pipe (floor)": raw.call,
+        "thread hand-off (for scale)": handoff.call,
+        "corral Pool": lambda: pool.submit(noop).result(),
+        "stdlib ProcessPoolExecutor": lambda: executor.submit(noop).result(),
+    }
+    loky: Any = None
+    with contextlib.suppress(ImportError):
         loky = _loky_executor()
         list(loky.map(noop_arg, range(WORKERS * 4)))
-        round_trips(lambda: loky.submit(noop).result(), 200)
-        lat = round_trips(lambda: loky.submit(noop).result(), latency_jobs)
-        tput = throughput(lambda: loky.submit(noop), lambda fs: [f.result() for f in fs], jobs)
+        calls["loky (reusable executor)"] = lambda: loky.submit(noop).result()
+    for call in calls.values():
+        round_trips(call, 200)  # warm
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        with placed({cpus[0]}, set(cpus[1:])):
+            apart = interleaved_round_trips(calls, latency_jobs)
+    else:
+        apart = interleaved_round_trips(calls, latency_jobs)
+    with placed({cpus[0]}, {cpus[0]}):
+        together = interleaved_round_trips(calls, latency_jobs)
+    results: dict[str, dict[str, float]] = {
+        name: {
+            **_latency(apart[name]),
+            "one_core_median_us": statistics.median(together[name]) * 1e6,
+        }
+        for name in calls
+    }
+
+    def wait(futures: list[Any]) -> None:
+        for future in futures:
+            future.result()
+
+    results["corral Pool"]["throughput"] = throughput(lambda: pool.submit(noop), wait, jobs)
+    results["stdlib ProcessPoolExecutor"]["throughput"] = throughput(
+        lambda: executor.submit(noop), wait, jobs
+    )
+    if loky is not None:
+        results["loky (reusable executor)"]["throughput"] = throughput(
+            lambda: loky.submit(noop), wait, jobs
+        )
         loky.shutdown(wait=True, kill_workers=True)
-        results["loky (reusable executor)"] = {**_latency(lat), "throughput": tput}
-    except ImportError:
-        pass
+    raw.close()
+    handoff.close()
+    pool.shutdown()
+    executor.shutdown()
 
     results["corral Pool"]["recovery"] = recovery_corral()
     results["stdlib ProcessPoolExecutor"]["recovery"] = recovery_stdlib()
@@ -284,12 +338,14 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
     floor = combined["raw pipe (floor)"]
     lines = [
         f"{'':28} {'round trip median':>20} {'p99':>10} {'vs stdlib':>10} {'vs floor':>9} "
-        f"{'jobs/s':>9} {'vs stdlib':>10} {'recovery':>10}"
+        f"{'one core':>9} {'vs floor':>9} {'jobs/s':>9} {'vs stdlib':>10} {'recovery':>10}"
     ]
     for name, m in combined.items():
         med = m["median_us"][0]
+        one = m["one_core_median_us"][0]
         row = f"{name:28} {med:>14.1f} us   {m['p99_us'][0]:>7.1f} us"
         row += f" {med / stdlib['median_us'][0]:>9.2f}x {med / floor['median_us'][0]:>8.2f}x"
+        row += f" {one:>6.1f} us {one / floor['one_core_median_us'][0]:>8.2f}x"
         if "throughput" in m:
             tput = m["throughput"]
             row += f" {tput[0]:>9.0f} {tput[0] / stdlib['throughput'][0]:>9.2f}x"
@@ -309,7 +365,11 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
         f"RSS growth over {MEMORY_JOBS} jobs {corral['parent_rss_growth_mib'][0]:.1f} MiB; "
         f"open fds {corral['parent_fds_before'][0]:.0f} -> {corral['parent_fds_after'][0]:.0f}"
     )
-    lines.append("medians of the repeated runs; min-max ranges are in the JSON output")
+    lines.append(
+        "round trips: caller on one CPU, worker processes on the others (every contender, in "
+        "turns); one core: all of them on one CPU; medians of the repeated runs; min-max ranges "
+        "are in the JSON output"
+    )
     return "\n".join(lines)
 
 

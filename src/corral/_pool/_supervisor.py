@@ -153,6 +153,7 @@ class _Worker:
     job: Job | None = None  # the head
     waiting: dict[int, Job] = field(default_factory=dict)  # sent behind the head, in order
     waiting_bytes: int = 0
+    on_channel: Callable[[int], None] = lambda mask: None  # the selector's handler for its socket
     writing: bool = False  # a submitting thread is writing a job to it (``_send_now``)
     outbox: bytearray = field(default_factory=bytearray)  # written when its socket has room
     job_started: float = 0.0
@@ -164,11 +165,13 @@ class _Worker:
     picker: bool = False  # a caller reads its socket (``pick_up``); not watched meanwhile
     exited: bool = False  # its exit was handled while a caller read: the caller closes the socket
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
+    fd: int = field(init=False)  # its socket's
     poller: select.poll = field(init=False)  # for a caller waiting on its socket (``pick_up``)
 
     def __post_init__(self) -> None:
+        self.fd = self.conn.fileno()
         self.poller = select.poll()
-        self.poller.register(self.conn.fileno(), select.POLLIN)
+        self.poller.register(self.fd, select.POLLIN)
 
 
 @dataclass
@@ -292,7 +295,7 @@ class Supervisor:
         now = self._mark_head(worker, job)
         worker.writing = True
         try:
-            sent = os.write(worker.conn.fileno(), job.frame)
+            sent = os.write(worker.fd, job.frame)
             if sent < len(job.frame):  # the rest when its socket has room, never waiting here
                 worker.outbox += job.frame[sent:]
                 self.commands.append(functools.partial(self._watch, worker))
@@ -746,7 +749,7 @@ class Supervisor:
             worker.outbox += data
             return
         try:
-            sent = os.write(worker.conn.fileno(), data)
+            sent = os.write(worker.fd, data)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
@@ -759,22 +762,21 @@ class Supervisor:
         if worker.picker or not worker.reading or self._stopped:
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outbox else 0)
-        handler = functools.partial(self._on_channel, worker)
         if worker.watched:
-            self._selector.modify(worker.conn, events, handler)
+            self._selector.modify(worker.fd, events, worker.on_channel)
         else:
-            self._selector.register(worker.conn, events, handler)
+            self._selector.register(worker.fd, events, worker.on_channel)
             worker.watched = True
 
     def _unwatch(self, worker: _Worker) -> None:
         if worker.watched:
-            self._selector.unregister(worker.conn)
+            self._selector.unregister(worker.fd)
             worker.watched = False
 
     def _on_channel(self, worker: _Worker, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and worker.outbox:
             try:
-                sent = os.write(worker.conn.fileno(), worker.outbox)
+                sent = os.write(worker.fd, worker.outbox)
             except BlockingIOError:
                 sent = 0
             except OSError:  # it died: its sentinel says how
@@ -794,7 +796,7 @@ class Supervisor:
         if not worker.reading:
             return  # its end was read earlier in the same batch of events
         try:
-            data = os.read(worker.conn.fileno(), msg.READ_SIZE)
+            data = os.read(worker.fd, msg.READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -959,10 +961,9 @@ class Supervisor:
         assert process.pid is not None
         worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
         self._workers[worker.pid] = worker
-        os.set_blocking(parent_conn.fileno(), False)
-        self._selector.register(
-            parent_conn, selectors.EVENT_READ, functools.partial(self._on_channel, worker)
-        )
+        os.set_blocking(worker.fd, False)
+        worker.on_channel = functools.partial(self._on_channel, worker)
+        self._selector.register(worker.fd, selectors.EVENT_READ, worker.on_channel)
         self._selector.register(
             process.sentinel, selectors.EVENT_READ, functools.partial(self._on_exit, worker)
         )
