@@ -65,24 +65,32 @@ def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
     return frame(head + body)
 
 
-def frames(inbox: bytearray) -> list[bytes]:
-    """Take the whole frames off the front of ``inbox``; a partial frame stays."""
+def frames(inbox: bytearray, data: bytes) -> list[bytes]:
+    """The whole frames in what ``inbox`` held followed by ``data``; a partial frame at the end
+    stays in ``inbox``. (Most reads bring whole frames to an empty inbox: nothing is copied
+    into it then.)"""
+    buffer: bytes | bytearray = data
+    if inbox:
+        inbox += data
+        buffer = inbox
     found = []
-    offset, end = 0, len(inbox)
+    offset, end = 0, len(buffer)
     while end - offset >= HEADER.size:
-        (size,) = HEADER.unpack_from(inbox, offset)
+        (size,) = HEADER.unpack_from(buffer, offset)
         start = offset + HEADER.size
         if size == -1:
             if end - start < _LONG_HEADER.size:
                 break
-            (size,) = _LONG_HEADER.unpack_from(inbox, start)
+            (size,) = _LONG_HEADER.unpack_from(buffer, start)
             start += _LONG_HEADER.size
         if end - start < size:
             break
-        found.append(bytes(inbox[start : start + size]))
+        found.append(bytes(buffer[start : start + size]))
         offset = start + size
-    if offset:
+    if buffer is inbox:
         del inbox[:offset]
+    elif offset < end:
+        inbox += data[offset:]
     return found
 
 

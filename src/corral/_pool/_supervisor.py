@@ -454,13 +454,15 @@ class Supervisor:
             worker.conn.close()
         else:
             self._watch(worker)
-        with self.lock:
-            if self._sleeping and (
-                self.commands
-                or self._queue
-                or self._waiting  # the worker may be idle now: dispatch or recall
-                or self._next_timer() < self._sleep_until  # a timer it must keep
-            ):
+        # _sleeping cannot change while the state lock is held; a command queued meanwhile
+        # by another thread comes with its own wake-up.
+        if self._sleeping and (
+            self.commands
+            or self._queue
+            or self._waiting  # the worker may be idle now: dispatch or recall
+            or self._next_timer() < self._sleep_until  # a timer it must keep
+        ):
+            with self.lock:
                 self._wake()
 
     # -- the supervisor thread ----------------------------------------------------------------
@@ -805,8 +807,7 @@ class Supervisor:
             worker.reading = False
             self._unwatch(worker)
             return
-        worker.inbox += data
-        for frame in msg.frames(worker.inbox):
+        for frame in msg.frames(worker.inbox, data):
             self._on_message(worker, frame)
 
     def _on_message(self, worker: _Worker, frame: bytes) -> None:

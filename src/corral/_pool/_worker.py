@@ -45,12 +45,20 @@ class _Channel:
     def send(self, message: bytes) -> None:
         """Send one frame (blocking until all of it is written)."""
         head = msg.header(len(message))
-        parts = [head + message] if len(message) <= _ONE_WRITE else [head, message]
         with self.lock:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(self.fd, view) :]
+            if len(message) <= _ONE_WRITE:
+                _write_all(self.fd, head + message)
+            else:
+                _write_all(self.fd, head)
+                _write_all(self.fd, message)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    sent = os.write(fd, data)
+    if sent < len(data):
+        view = memoryview(data)[sent:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 class _Inbox:
@@ -110,8 +118,7 @@ class _Inbox:
         if not data:
             self.closed = True
             return
-        self.received += data
-        for frame in msg.frames(self.received):
+        for frame in msg.frames(self.received, data):
             tag = frame[:1]
             if tag == msg.JOB:
                 _, job_id, start_by = msg.JOB_HEAD.unpack_from(frame)
