@@ -251,6 +251,7 @@ class Supervisor:
             main=_launch.parent_main(),
             max_result_size=settings.max_result_size,  # type: ignore[arg-type]
             preload=settings.preload,
+            nice=settings.worker_nice,
         )
         _launch.install()
         if settings.start_method == "forkserver":
@@ -1196,6 +1197,7 @@ class Supervisor:
     def _resolve_value(self, job: Job, value: Any) -> None:
         job.done = True
         job.worker = None
+        job.future._pickup = None  # nothing to pick up: the future need not keep the job
         self.counters.completed += 1
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_result(value)
@@ -1203,6 +1205,7 @@ class Supervisor:
     def _resolve(self, job: Job, error: BaseException, kind: str) -> None:
         job.done = True
         job.worker = None
+        job.future._pickup = None
         setattr(self.counters, kind, getattr(self.counters, kind) + 1)
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_exception(error)
