@@ -7,7 +7,7 @@ ProcessPoolExecutor), on an AsyncIOScheduler in this process, with 2 workers whe
 - throughput: ``--tasks`` no-op tasks due now, until every outcome event has arrived;
 - latency: from a run's due time to its start in the executor, and to its outcome event;
 - app loop lag while two CPU-bound sync tasks and two CPU-bound ``async def`` tasks run
-  (p99 and max, and the lag over time for ``--plot``); for corral also with ``worker_nice=0``;
+  (p99 and max, and the lag over time for ``--plot``);
 - recovery: from a task that kills its worker to the next run of another task succeeding.
 Medians of ``--repeat`` runs with min-max; ratios against asyncz's ThreadPoolExecutor.
 """
@@ -192,13 +192,6 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
         in_process = name in ("asyncz AsyncIOExecutor", "asyncz ThreadPoolExecutor")
         row["recovery_s"] = float("nan") if in_process else await recovery(make)
         results[name] = row
-    # The same, with workers at the app's own CPU priority: what worker_nice is worth.
-    same_priority, _ = await loop_lag(
-        lambda: ProcessExecutor(workers=WORKERS, preload=("bench_jobs",), worker_nice=0)
-    )
-    results["corral ProcessExecutor"].update(
-        {f"{metric}_worker_nice_0": value for metric, value in same_priority.items()}
-    )
     return results, lag_series
 
 
@@ -230,13 +223,6 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
             f"{m['lag_p99_ms'][0]:>9.1f}{m['lag_max_ms'][0]:>9.1f}{lag_ratio:>10.1f}x"
             f"{m['recovery_s'][0]:>10.3f}"
         )
-    corral = combined["corral ProcessExecutor"]
-    p99_same = corral["lag_p99_ms_worker_nice_0"][0]
-    max_same = corral["lag_max_ms_worker_nice_0"][0]
-    lines.append(
-        f"corral with worker_nice=0 (workers at the app's priority): lag p99 {p99_same:.1f} ms, "
-        f"max {max_same:.1f} ms"
-    )
     lines.append("medians of the repeated runs (min-max in the JSON); 'lag vs thr': how many times")
     lines.append(
         "lower the app loop's p99 lag is than with asyncz's ThreadPoolExecutor; recovery nan:"

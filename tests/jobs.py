@@ -300,8 +300,3 @@ def hold_then_log(fifo: str, message: str) -> str:
     """Block until released through ``fifo``, then log and print ``message``."""
     hold(fifo)
     return log_and_print(message)
-
-
-def niceness() -> int:
-    """This process's nice value."""
-    return os.nice(0)

@@ -402,14 +402,6 @@ def test_workers_import_the_apps_main_module_only_when_a_job_needs_it(
     assert second == f"['main-imported-in-{worker}']"
 
 
-@pytest.mark.parametrize("nice", [0, 5, 19])
-def test_workers_run_at_a_lower_cpu_priority_than_the_app(
-    make_pool: PoolFactory, nice: int
-) -> None:
-    pool = make_pool(workers=1, worker_nice=nice)
-    assert pool.submit(jobs.niceness).result(10) == min(os.nice(0) + nice, 19)
-
-
 def test_preloaded_modules_are_imported_before_the_first_job(make_pool: PoolFactory) -> None:
     pool = make_pool(workers=1, preload=("decimal",))
     assert pool.submit(jobs.imported, "decimal").result(30) is True

@@ -183,7 +183,6 @@ def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() 
         main=None,
         max_result_size=None,
         preload=(),
-        nice=0,
     )
     name = f"{_launch.WORKER_NAME_PREFIX}deadline-test"
     process = context.Process(target=worker_main, args=(child, options), name=name)

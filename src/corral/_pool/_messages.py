@@ -106,4 +106,3 @@ class WorkerOptions:
     main: tuple[str, str] | None  # how to load the parent's __main__, if a job needs it
     max_result_size: int | None
     preload: tuple[str, ...]
-    nice: int  # added to the worker's nice value as it starts

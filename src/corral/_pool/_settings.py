@@ -60,10 +60,6 @@ class PoolSettings(BaseModel):
     """Arguments for the initializer."""
     start_timeout: Annotated[float, Field(gt=0)] = 60.0
     """Seconds a new worker may take to be ready (including its initializer)."""
-    worker_nice: Annotated[int, Field(ge=0, le=19)] = 5
-    """How much lower than the app's the workers' CPU priority is (added to their nice value):
-    when jobs and the app want the same CPUs, the kernel serves the app's threads first, so
-    CPU-heavy jobs cannot starve its event loop. ``0``: the same priority."""
 
     @field_validator("initializer", mode="before")
     @classmethod

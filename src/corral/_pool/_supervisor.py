@@ -251,7 +251,6 @@ class Supervisor:
             main=_launch.parent_main(),
             max_result_size=settings.max_result_size,  # type: ignore[arg-type]
             preload=settings.preload,
-            nice=settings.worker_nice,
         )
         _launch.install()
         if settings.start_method == "forkserver":
@@ -457,14 +456,17 @@ class Supervisor:
             self._watch(worker)
         # _sleeping cannot change while the state lock is held; a command queued meanwhile
         # by another thread comes with its own wake-up.
-        if self._sleeping and (
-            self.commands
-            or self._queue
-            or self._waiting  # the worker may be idle now: dispatch or recall
-            or self._next_timer() < self._sleep_until  # a timer it must keep
-        ):
+        if self._sleeping and not self._stopped and self._has_work_for_the_loop():
             with self.lock:
                 self._wake()
+
+    def _has_work_for_the_loop(self) -> bool:
+        return bool(
+            self.commands
+            or self._queue
+            or self._waiting  # a worker may be idle now: dispatch or recall
+            or self._next_timer() < self._sleep_until  # a timer it must keep
+        )
 
     # -- the supervisor thread ----------------------------------------------------------------
 

@@ -196,8 +196,6 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     global RUNNING_IN_WORKER
     RUNNING_IN_WORKER = True
     os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
-    if options.nice:
-        os.nice(options.nice)  # the app's threads come first for the CPU (and the job's children)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = _Channel(conn)
     inbox = _Inbox(conn, channel)
