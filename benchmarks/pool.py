@@ -231,19 +231,19 @@ def placed(parent_cpus: set[int], child_cpus: set[int]) -> Iterator[None]:
     me = psutil.Process()
     everywhere = os.sched_getaffinity(0)
     children = me.children(recursive=True)
-    try:
+
+    def place(mine: set[int], theirs: set[int]) -> None:
         for thread in me.threads():
-            os.sched_setaffinity(thread.id, parent_cpus)
+            os.sched_setaffinity(thread.id, mine)
         for child in children:
-            with contextlib.suppress(OSError, psutil.Error):
-                os.sched_setaffinity(child.pid, child_cpus)
+            with contextlib.suppress(OSError, psutil.Error):  # it exited meanwhile
+                os.sched_setaffinity(child.pid, theirs)
+
+    try:
+        place(parent_cpus, child_cpus)
         yield
     finally:
-        for thread in me.threads():
-            os.sched_setaffinity(thread.id, everywhere)
-        for child in children:
-            with contextlib.suppress(OSError, psutil.Error):
-                os.sched_setaffinity(child.pid, everywhere)
+        place(everywhere, everywhere)
 
 
 def interleaved_round_trips(

@@ -22,7 +22,7 @@ import pytest
 import jobs
 from conftest import PoolFactory, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError
-from test_pool_batches import Gate
+from test_pool_batches import Gate, hold_the_only_worker
 
 
 def picking(pool: Pool) -> bool:
@@ -54,8 +54,7 @@ def test_the_waiting_caller_reads_its_reply_and_the_supervisor_reads_the_rest(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    future = pool.submit(jobs.hold, gate.path)
+    gate, future = hold_the_only_worker(pool, tmp_path)
     resolvers = resolved_on(future)
     releaser = once_picking(pool, gate.release)
     assert future.result(10) == worker_pids(pool)[0]
@@ -96,8 +95,7 @@ def test_a_worker_killed_while_its_caller_reads_gives_one_outcome_and_is_replace
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    future = pool.submit(jobs.hold, gate.path)
+    _gate, future = hold_the_only_worker(pool, tmp_path)
     [pid] = worker_pids(pool)
     supervisor = pool._supervisor
     assert supervisor is not None
@@ -130,8 +128,7 @@ def test_a_caller_that_stops_waiting_leaves_the_reply_to_the_supervisor(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    future = pool.submit(jobs.hold, gate.path)
+    gate, future = hold_the_only_worker(pool, tmp_path)
     seen = threading.Event()
     watcher = once_picking(pool, seen.set)
     with pytest.raises(TimeoutError):
@@ -165,8 +162,7 @@ def test_two_threads_waiting_on_one_job_both_get_its_value(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:
     pool = make_pool(workers=1)
-    gate = Gate(tmp_path / "gate")
-    future = pool.submit(jobs.hold, gate.path)
+    gate, future = hold_the_only_worker(pool, tmp_path)
     values: list[int] = []
     other = threading.Thread(target=lambda: values.append(future.result(10)))
     other.start()
