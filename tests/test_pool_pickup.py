@@ -158,6 +158,22 @@ def test_a_worker_recycled_by_the_reading_caller_is_replaced_and_the_queue_goes_
     assert pool.statistics().recycled >= 1
 
 
+def test_a_done_callback_that_shuts_the_pool_down_on_the_reading_thread_does_not_hang(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """The callback runs while its thread holds the state lock: shutdown cannot wait there for
+    the supervisor (which needs that lock), so it returns and the pool winds down after."""
+    pool = make_pool(workers=1)
+    gate, future = hold_the_only_worker(pool, tmp_path)
+    future.add_done_callback(lambda _: pool.shutdown())
+    releaser = once_picking(pool, gate.release)
+    assert future.result(10) == worker_pids(pool)[0]
+    releaser.join(10)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    assert supervisor.finished.wait(10)
+
+
 def test_two_threads_waiting_on_one_job_both_get_its_value(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:

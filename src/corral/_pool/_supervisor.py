@@ -343,7 +343,11 @@ class Supervisor:
         self.request(lambda: self._begin_close(wait, deadline))
 
     def join(self, timeout: float | None) -> bool:
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        """Wait for the supervisor thread to end; not from a thread it would wait for (the
+        supervisor itself, or one that holds the state lock: a done-callback, or a signal
+        handler, run while that thread handles a reply)."""
+        me = threading.current_thread()
+        if self._thread.is_alive() and me is not self._thread and self._owner != me.ident:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
