@@ -1,7 +1,8 @@
 """A caller waiting on a job that ``submit`` wrote to an idle worker reads the reply itself.
 
-Each test holds the job at a gate (a named pipe) until the caller is seen reading the worker's
-socket, so the reply is always read by the caller, never by a supervisor that got there first.
+Most tests hold the job at a gate (a named pipe) until the caller is seen reading the worker's
+socket, so that the reply is read by the caller, not by a supervisor that got there first; the
+last two make the caller and the supervisor meet over one reply.
 """
 
 from __future__ import annotations
