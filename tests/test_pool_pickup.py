@@ -7,13 +7,14 @@ last two make the caller and the supervisor meet over one reply.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,16 @@ def once_picking(pool: Pool, then: Callable[[], object]) -> threading.Thread:
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def picked_up(pool: Pool) -> Iterator[None]:
+    """The block must make a caller read a worker's socket."""
+    seen = threading.Event()
+    watcher = once_picking(pool, seen.set)
+    yield
+    watcher.join(10)
+    assert seen.is_set(), "no caller read a worker's socket"
 
 
 def resolved_on(future: Future[Any]) -> list[threading.Thread]:
@@ -116,12 +127,8 @@ def test_a_timeout_ends_the_job_while_its_caller_reads(
     pool = make_pool(workers=1, kill_grace=0.1)
     gate = Gate(tmp_path / "gate")
     future = pool.submit(jobs.hold, gate.path, timeout=0.5)
-    seen = threading.Event()
-    watcher = once_picking(pool, seen.set)
-    with pytest.raises(JobTimeoutError):
+    with picked_up(pool), pytest.raises(JobTimeoutError):
         future.result(10)
-    watcher.join(10)
-    assert seen.is_set()
     assert pool.submit(jobs.add, 2, 2).result(10) == 4
 
 
@@ -130,12 +137,8 @@ def test_a_caller_that_stops_waiting_leaves_the_reply_to_the_supervisor(
 ) -> None:
     pool = make_pool(workers=1)
     gate, future = hold_the_only_worker(pool, tmp_path)
-    seen = threading.Event()
-    watcher = once_picking(pool, seen.set)
-    with pytest.raises(TimeoutError):
+    with picked_up(pool), pytest.raises(TimeoutError):
         future.result(0.3)
-    watcher.join(10)
-    assert seen.is_set()
     assert not picking(pool)
     resolvers = resolved_on(future)
     gate.release()
