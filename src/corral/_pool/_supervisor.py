@@ -116,12 +116,9 @@ class JobFuture(Future[Any]):
         pickup, self._pickup = self._pickup, None
         if pickup is None or self.done():
             return timeout
-        if timeout is None:
-            pickup[0].pick_up(pickup[1], None)
-            return None
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         pickup[0].pick_up(pickup[1], deadline)
-        return max(0.0, deadline - time.monotonic())
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 @dataclass(eq=False, slots=True)
@@ -415,41 +412,44 @@ class Supervisor:
         """
         if self._owner == threading.get_ident():
             return  # a done-callback run while this thread handles replies: it cannot wait here
-        with self.state_lock:
+        self._hold()
+        try:
             worker = job.worker
-            if job.done or worker is None or worker.job is not job or worker.picker:
-                return
-            if not worker.reading or worker.outbox or self._stopped:
+            if (
+                job.done
+                or worker is None
+                or worker.job is not job
+                or worker.picker
+                or not worker.reading
+                or worker.outbox
+                or self._stopped
+            ):
                 return
             worker.picker = True
             self._unwatch(worker)
-        picking = True
-        try:
-            while deadline is None or (wait := deadline - time.monotonic()) > 0:
-                readable = worker.poller.poll(None if deadline is None else math.ceil(wait * 1e3))
-                self._hold()
-                try:
+            try:
+                # As the supervisor's own loop: the lock is let go only while waiting.
+                while not job.done and worker.reading:
+                    if deadline is not None and (wait := deadline - time.monotonic()) <= 0:
+                        break
+                    self._let_go()
+                    try:
+                        readable = worker.poller.poll(
+                            None if deadline is None else math.ceil(wait * 1e3)
+                        )
+                    finally:
+                        self._hold()
                     if readable:
-                        self._on_readable(worker)
-                    if job.done or not worker.reading:
-                        picking = False
-                        self._stop_picking(worker)
-                        return
-                except Exception as exc:  # a bug: the supervisor thread fails as if it were its own
-                    with self.lock:
-                        self.commands.append(functools.partial(_reraise, exc))
-                    picking = False
-                    self._stop_picking(worker)
-                    return
-                finally:
-                    self._let_go()
+                        try:
+                            self._on_readable(worker)
+                        except Exception as exc:  # a bug: the supervisor thread fails with it
+                            with self.lock:
+                                self.commands.append(functools.partial(_reraise, exc))
+                            break
+            finally:
+                self._stop_picking(worker)
         finally:
-            if picking:  # the deadline passed, or the wait was interrupted
-                self._hold()
-                try:
-                    self._stop_picking(worker)
-                finally:
-                    self._let_go()
+            self._let_go()
 
     def _stop_picking(self, worker: _Worker) -> None:
         """The caller stops reading ``worker`` (state lock held): back to the supervisor."""
@@ -796,7 +796,7 @@ class Supervisor:
         if mask & selectors.EVENT_READ and not worker.picker:  # else that caller reads it
             self._on_readable(worker)
 
-    def _on_readable(self, worker: _Worker, mask: int = 0) -> None:
+    def _on_readable(self, worker: _Worker) -> None:
         """Read what the worker's socket holds (one read, never waiting), then each whole frame.
 
         A frame a worker has only half written stays in ``worker.inbox``: a worker stopped in the

@@ -38,8 +38,7 @@ class _Channel:
     """The worker's end of the socket; sends from any thread of the job are serialised."""
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.fd = conn.fileno()
+        self.fd = conn.fileno()  # worker_main keeps conn (and so the socket) for the process's life
         self.lock = threading.Lock()
 
     def send(self, message: bytes) -> None:
