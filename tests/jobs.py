@@ -268,10 +268,9 @@ def write_half_a_frame_and_hang() -> None:
     """Start a 1000-byte frame on the channel to the parent, write 10 bytes of it, then hang."""
     import struct
 
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in _socket_fds():
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                os.write(int(fd), struct.pack("!i", 1000) + b"x" * 10)
+            os.write(fd, struct.pack("!i", 1000) + b"x" * 10)
     while True:
         time.sleep(0.05)
 
@@ -287,6 +286,27 @@ def hold_then_exit(fifo: str) -> None:
     """Block until released through ``fifo``, then end the worker process."""
     hold(fifo)
     os._exit(7)
+
+
+def leave_a_holder_of_the_socket_then_exit(fifo: str, pid_file: str) -> None:
+    """Start a process in a session of its own (out of reach of the worker's process group)
+    that keeps this worker's sockets open; block until released, then end the worker."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import signal; signal.pause()"],
+        pass_fds=_socket_fds(),
+        start_new_session=True,
+    )
+    Path(pid_file).write_text(str(holder.pid))
+    hold_then_exit(fifo)
+
+
+def _socket_fds() -> list[int]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                found.append(int(fd))
+    return found
 
 
 def create(path: str) -> int:

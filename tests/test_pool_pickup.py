@@ -103,8 +103,30 @@ def test_logs_and_output_before_the_reply_are_handled_by_the_reading_caller(
     assert "stderr: hi\n" in err
 
 
+def result(future: Future[Any], timeout: float | None) -> Any:
+    """``future.result(timeout)``. With no timeout (the caller then waits in ``recv`` on the
+    worker's socket, not in ``poll``), on a thread of its own that must be done within 20 s: a
+    caller left waiting fails the test instead of hanging it."""
+    if timeout is not None:
+        return future.result(timeout)
+    outcome: Future[Any] = Future()
+
+    def wait() -> None:
+        try:
+            outcome.set_result(future.result())
+        except BaseException as exc:
+            outcome.set_exception(exc)
+
+    threading.Thread(target=wait, daemon=True).start()
+    return outcome.result(20)
+
+
+DEADLINES = pytest.mark.parametrize("timeout", [None, 10.0], ids=["no-deadline", "deadline"])
+
+
+@DEADLINES
 def test_a_worker_killed_while_its_caller_reads_gives_one_outcome_and_is_replaced(
-    make_pool: PoolFactory, tmp_path: Path
+    make_pool: PoolFactory, tmp_path: Path, timeout: float | None
 ) -> None:
     pool = make_pool(workers=1)
     _gate, future = hold_the_only_worker(pool, tmp_path)
@@ -114,22 +136,45 @@ def test_a_worker_killed_while_its_caller_reads_gives_one_outcome_and_is_replace
     worker = supervisor._workers[pid]
     killer = once_picking(pool, lambda: os.kill(pid, signal.SIGKILL))
     with pytest.raises(WorkerDiedError, match="SIGKILL"):
-        future.result(10)
+        result(future, timeout)
     killer.join(10)
-    wait_until(lambda: worker.conn.closed, what="the dead worker's socket to be closed")
+    wait_until(lambda: worker.sock.fileno() == -1, what="the dead worker's socket to be closed")
     assert pool.submit(jobs.add, 1, 2).result(10) == 3
     assert pool.statistics().crashed == 1
 
 
+@DEADLINES
 def test_a_timeout_ends_the_job_while_its_caller_reads(
-    make_pool: PoolFactory, tmp_path: Path
+    make_pool: PoolFactory, tmp_path: Path, timeout: float | None
 ) -> None:
     pool = make_pool(workers=1, kill_grace=0.1)
     gate = Gate(tmp_path / "gate")
     future = pool.submit(jobs.hold, gate.path, timeout=0.5)
     with picked_up(pool), pytest.raises(JobTimeoutError):
-        future.result(10)
+        result(future, timeout)
     assert pool.submit(jobs.add, 2, 2).result(10) == 4
+
+
+@DEADLINES
+def test_a_caller_reading_a_dead_worker_kept_open_by_a_process_of_its_job_is_not_left_waiting(
+    make_pool: PoolFactory, tmp_path: Path, timeout: float | None
+) -> None:
+    """The job started a process outside the worker's process group that holds the worker's
+    socket: its end never comes when the worker dies. The supervisor ends the caller's wait."""
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    pid_file = tmp_path / "holder.pid"
+    future = pool.submit(jobs.leave_a_holder_of_the_socket_then_exit, gate.path, str(pid_file))
+    releaser = once_picking(pool, gate.release)
+    try:
+        with pytest.raises(WorkerDiedError, match="exit code 7"):
+            result(future, timeout)
+        releaser.join(10)
+        assert not picking(pool)
+        assert pool.submit(jobs.add, 1, 2).result(10) == 3
+    finally:
+        holder = wait_until(lambda: pid_file.exists() and pid_file.read_text())
+        os.kill(int(holder), signal.SIGKILL)
 
 
 def test_a_caller_that_stops_waiting_leaves_the_reply_to_the_supervisor(
@@ -211,7 +256,7 @@ def test_a_reply_that_arrives_before_the_caller_waits_is_read_once(
     supervisor = pool._supervisor
     assert supervisor is not None
     [pid] = worker_pids(pool)
-    conn = supervisor._workers[pid].conn
+    sock = supervisor._workers[pid].sock
 
     def inside(thread: threading.Thread, function: str) -> bool:
         frame = sys._current_frames().get(thread.ident or 0)
@@ -230,7 +275,7 @@ def test_a_reply_that_arrives_before_the_caller_waits_is_read_once(
         with supervisor.state_lock:  # the supervisor can see the reply, not handle it
             caller = wait_for(pool.submit(jobs.echo, number), values)
             wait_until(lambda: inside(caller, "pick_up"), what="the caller to wait")  # noqa: B023
-            assert select.select([conn], [], [], 10)[0], "no reply"
+            assert select.select([sock], [], [], 10)[0], "no reply"
             # The supervisor saw it, and waits for the lock behind the caller (which gets the
             # lock first on this platform; if not, the supervisor reads the reply: also right).
             wait_until(lambda: inside(supervisor._thread, "_hold"), what="the supervisor to wait")

@@ -46,6 +46,7 @@ import pickle
 import select
 import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -143,7 +144,7 @@ class Job:
 @dataclass(eq=False)
 class _Worker:
     process: BaseProcess
-    conn: Connection
+    sock: socket.socket  # blocking: the supervisor reads and writes it with MSG_DONTWAIT
     pid: int
     ps: psutil.Process | None
     state: WorkerState = "starting"
@@ -160,13 +161,13 @@ class _Worker:
     reading: bool = True  # its socket has not reached its end
     watched: bool = True  # its socket is registered with the selector
     picker: bool = False  # a caller reads its socket (``pick_up``); not watched meanwhile
-    exited: bool = False  # its exit was handled while a caller read: the caller closes the socket
+    exited: bool = False  # its process has ended (its sentinel fired)
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
     fd: int = field(init=False)  # its socket's
     poller: select.poll = field(init=False)  # for a caller waiting on its socket (``pick_up``)
 
     def __post_init__(self) -> None:
-        self.fd = self.conn.fileno()
+        self.fd = self.sock.fileno()
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
 
@@ -292,7 +293,7 @@ class Supervisor:
         now = self._mark_head(worker, job)
         worker.writing = True
         try:
-            sent = os.write(worker.fd, job.frame)
+            sent = worker.sock.send(job.frame, socket.MSG_DONTWAIT)
             if sent < len(job.frame):  # the rest when its socket has room, never waiting here
                 worker.outbox += job.frame[sent:]
                 self.commands.append(functools.partial(self._watch, worker))
@@ -403,11 +404,12 @@ class Supervisor:
         """Wait for ``job``'s reply on the calling thread, reading its worker's socket here.
 
         ``submit`` wrote the job to an idle worker itself; a caller now waiting for its outcome
-        takes that worker's socket from the selector, waits for it to be readable, and handles
-        what it reads under ``state_lock``, exactly as the supervisor thread would (the reply,
-        and any log records or output before it). The supervisor thread sleeps on: one thread
-        hand-off less per job. Its timers still run: a timeout or a memory kill ends the worker,
-        and so the wait. Returns when the job is over, at ``deadline`` (``time.monotonic()``),
+        takes that worker's socket from the selector, reads it (waiting without the lock), and
+        handles what it read under ``state_lock``, exactly as the supervisor thread would (the
+        reply, and any log records or output before it). The supervisor thread sleeps on: one
+        thread hand-off less per job. Its timers still run: a timeout or a memory kill ends the
+        worker, and so the wait (``_on_exit`` leaves the rest of the death to this caller).
+        Returns when the job is over, at ``deadline`` (``time.monotonic()``),
         or at once if the job is not its worker's head any more or another thread reads.
         """
         if self._owner == threading.get_ident():
@@ -434,14 +436,12 @@ class Supervisor:
                         break
                     self._let_go()
                     try:
-                        readable = worker.poller.poll(
-                            None if deadline is None else math.ceil(wait * 1e3)
-                        )
+                        data = _receive(worker, None if deadline is None else wait)
                     finally:
                         self._hold()
-                    if readable:
+                    if data is not None:
                         try:
-                            self._on_readable(worker)
+                            self._on_data(worker, data)
                         except Exception as exc:  # a bug: the supervisor thread fails with it
                             with self.lock:
                                 self.commands.append(functools.partial(_reraise, exc))
@@ -455,7 +455,7 @@ class Supervisor:
         """The caller stops reading ``worker`` (state lock held): back to the supervisor."""
         worker.picker = False
         if worker.exited:
-            worker.conn.close()
+            self._on_exit(worker)  # what the supervisor left to the caller
         else:
             self._watch(worker)
         # _sleeping cannot change while the state lock is held; a command queued meanwhile
@@ -470,6 +470,7 @@ class Supervisor:
             or self._queue
             or self._waiting  # a worker may be idle now: dispatch or recall
             or self._next_timer() < self._sleep_until  # a timer it must keep
+            or (self._closing and not self._workers)  # the last worker is gone: it ends
         )
 
     # -- the supervisor thread ----------------------------------------------------------------
@@ -758,7 +759,7 @@ class Supervisor:
             worker.outbox += data
             return
         try:
-            sent = os.write(worker.fd, data)
+            sent = worker.sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
@@ -785,7 +786,7 @@ class Supervisor:
     def _on_channel(self, worker: _Worker, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and worker.outbox:
             try:
-                sent = os.write(worker.fd, worker.outbox)
+                sent = worker.sock.send(worker.outbox, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError:  # it died: its sentinel says how
@@ -805,11 +806,15 @@ class Supervisor:
         if not worker.reading:
             return  # its end was read earlier in the same batch of events
         try:
-            data = os.read(worker.fd, msg.READ_SIZE)
+            data = worker.sock.recv(msg.READ_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
             data = b""
+        self._on_data(worker, data)
+
+    def _on_data(self, worker: _Worker, data: bytes) -> None:
+        """Handle what was read from ``worker``'s socket: whole frames, or its end (``b""``)."""
         if not data:
             worker.reading = False
             self._unwatch(worker)
@@ -873,15 +878,20 @@ class Supervisor:
             self._resolve(job, self._missed_error(job), "missed")
 
     def _on_exit(self, worker: _Worker, mask: int = 0) -> None:
-        while worker.reading and _poll(worker.conn):
+        if not worker.exited:
+            worker.exited = True
+            self._selector.unregister(worker.process.sentinel)
+        if worker.picker:
+            # A caller reads its socket, and may hold a reply it has not handled yet: that
+            # caller finishes this when it stops. It may wait for an end that a process the
+            # job started (holding the socket) keeps away: this ends its wait.
+            _shut_reading(worker)
+            return
+        while worker.reading and worker.poller.poll(0):
             self._on_readable(worker)  # a reply sent just before the exit still counts
         worker.reading = False
         self._unwatch(worker)
-        self._selector.unregister(worker.process.sentinel)
-        if worker.picker:
-            worker.exited = True  # a caller waits on its socket: it closes it when it stops
-        else:
-            worker.conn.close()
+        worker.sock.close()
         self._take_from_idle(worker)
         self._reap(worker, time.monotonic())
 
@@ -950,7 +960,8 @@ class Supervisor:
         self._top_up()
 
     def _spawn(self) -> bool:
-        parent_conn, child_conn = self.context.Pipe(duplex=True)
+        parent_sock, child_sock = socket.socketpair()
+        child_conn = Connection(child_sock.detach())
         process = self.context.Process(
             target=worker_main,
             args=(child_conn, self._options),
@@ -959,7 +970,7 @@ class Supervisor:
         try:
             process.start()
         except Exception as exc:
-            parent_conn.close()
+            parent_sock.close()
             self._on_start_failure(
                 f"a worker process could not be started: {type(exc).__name__}: {exc}"
             )
@@ -967,9 +978,8 @@ class Supervisor:
         finally:
             child_conn.close()
         assert process.pid is not None
-        worker = _Worker(process, parent_conn, process.pid, _psutil_process(process.pid))
+        worker = _Worker(process, parent_sock, process.pid, _psutil_process(process.pid))
         self._workers[worker.pid] = worker
-        os.set_blocking(worker.fd, False)
         worker.on_channel = functools.partial(self._on_channel, worker)
         self._selector.register(worker.fd, selectors.EVENT_READ, worker.on_channel)
         self._selector.register(
@@ -1193,7 +1203,14 @@ class Supervisor:
             for job in [worker.job, *worker.waiting.values()]:
                 if job is not None and not job.done:
                     self._resolve(job, CorralError(error_text), "failed")
+            worker.job = None
+            worker.waiting.clear()
             worker.process.join(1)
+            if worker.picker:  # that caller closes the socket when it stops
+                worker.exited = True
+                _shut_reading(worker)
+            else:
+                worker.sock.close()
         for job in self._queue:
             if not job.done:
                 self._resolve(job, CorralError(error_text), "failed")
@@ -1282,11 +1299,28 @@ def _reraise(exc: BaseException) -> None:
     raise exc
 
 
-def _poll(conn: Connection) -> bool:
+def _receive(worker: _Worker, timeout: float | None) -> bytes | None:
+    """Wait for what ``worker`` sends, up to ``timeout`` seconds; ``None``: nothing came.
+
+    A caller with no deadline waits in ``recv`` itself: a thread blocked reading a socket is
+    woken sooner than one waiting in ``poll`` for it.
+    """
     try:
-        return conn.poll(0)
-    except (EOFError, OSError):
-        return False
+        if timeout is None:
+            return worker.sock.recv(msg.READ_SIZE)
+        if not worker.poller.poll(math.ceil(timeout * 1e3)):
+            return None
+        return worker.sock.recv(msg.READ_SIZE, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _shut_reading(worker: _Worker) -> None:
+    """End a caller's wait on ``worker``'s socket (what is already there is still read)."""
+    with contextlib.suppress(OSError):
+        worker.sock.shutdown(socket.SHUT_RD)
 
 
 def _psutil_process(pid: int) -> psutil.Process | None:

@@ -70,8 +70,6 @@ class _Inbox:
 
     def __init__(self, conn: Connection, channel: _Channel) -> None:
         self.fd = conn.fileno()
-        self.poller = select.poll()
-        self.poller.register(self.fd, select.POLLIN)
         self.channel = channel
         self.lock = threading.Lock()
         self.received = bytearray()
@@ -90,9 +88,8 @@ class _Inbox:
                 if self.stopping or self.closed:
                     return None
             try:
-                # Wait in poll(), not in read(): a reader blocked in read() on a socket is also
-                # woken each time the supervisor reads a reply from the other end.
-                self.poller.poll()
+                # Wait in read() itself: a thread blocked reading a socket is woken sooner than
+                # one waiting in poll() for it.
                 data = os.read(self.fd, msg.READ_SIZE)  # only this thread reads while not busy
             except OSError:
                 data = b""
