@@ -104,8 +104,8 @@ def test_logs_and_output_before_the_reply_are_handled_by_the_reading_caller(
 
 
 def result(future: Future[Any], timeout: float | None) -> Any:
-    """``future.result(timeout)``. With no timeout (the caller then waits in ``recv`` on the
-    worker's socket, not in ``poll``), on a thread of its own that must be done within 20 s: a
+    """``future.result(timeout)``. With no timeout (the caller's ``recv`` on the worker's
+    socket then has no time limit), on a thread of its own that must be done within 20 s: a
     caller left waiting fails the test instead of hanging it."""
     if timeout is not None:
         return future.result(timeout)

@@ -47,6 +47,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -90,6 +91,7 @@ _WATCH_INTERVAL = 0.1  # how often a worker checks its parent, and reads while a
 _BATCH_JOBS = 64  # at most this many jobs wait in one worker
 _BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
 _BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 
 
 class JobFuture(Future[Any]):
@@ -164,7 +166,8 @@ class _Worker:
     exited: bool = False  # its process has ended (its sentinel fired)
     inbox: bytearray = field(default_factory=bytearray)  # bytes read, not yet a whole frame
     fd: int = field(init=False)  # its socket's
-    poller: select.poll = field(init=False)  # for a caller waiting on its socket (``pick_up``)
+    receive_timeout: float | None = None  # its socket's SO_RCVTIMEO (``_receive``)
+    poller: select.poll = field(init=False)  # to check its socket without reading it
 
     def __post_init__(self) -> None:
         self.fd = self.sock.fileno()
@@ -961,6 +964,7 @@ class Supervisor:
 
     def _spawn(self) -> bool:
         parent_sock, child_sock = socket.socketpair()
+        parent_sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
         child_conn = Connection(child_sock.detach())
         process = self.context.Process(
             target=worker_main,
@@ -1300,18 +1304,18 @@ def _reraise(exc: BaseException) -> None:
 
 
 def _receive(worker: _Worker, timeout: float | None) -> bytes | None:
-    """Wait for what ``worker`` sends, up to ``timeout`` seconds; ``None``: nothing came.
-
-    A caller with no deadline waits in ``recv`` itself: a thread blocked reading a socket is
-    woken sooner than one waiting in ``poll`` for it.
-    """
+    """Wait in ``recv`` for what ``worker`` sends, up to ``timeout`` seconds (the socket's own
+    receive timeout); ``None``: nothing came. A thread blocked reading a socket is woken sooner
+    than one waiting in ``poll`` for it."""
+    if timeout != worker.receive_timeout:
+        # In microseconds, at least one: zero would mean no limit.
+        micro = 0 if timeout is None else max(1, int(timeout * 1e6))
+        limit = _TIMEVAL.pack(*divmod(micro, 1_000_000))
+        worker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        worker.receive_timeout = timeout
     try:
-        if timeout is None:
-            return worker.sock.recv(msg.READ_SIZE)
-        if not worker.poller.poll(math.ceil(timeout * 1e3)):
-            return None
-        return worker.sock.recv(msg.READ_SIZE, socket.MSG_DONTWAIT)
-    except BlockingIOError:
+        return worker.sock.recv(msg.READ_SIZE)
+    except BlockingIOError:  # the timeout passed
         return None
     except OSError:
         return b""
