@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -281,3 +282,20 @@ def test_a_reply_that_arrives_before_the_caller_waits_is_read_once(
             wait_until(lambda: inside(supervisor._thread, "_hold"), what="the supervisor to wait")
         caller.join(10)
         assert values == [number], "the caller still waits for a reply that was read"
+
+
+def test_an_apps_default_socket_timeout_does_not_reach_the_workers_sockets(
+    make_pool: PoolFactory,
+) -> None:
+    """A caller waits in ``recv`` on a worker's socket: a socket timeout set for the whole app
+    (``socket.setdefaulttimeout``) must not cut that wait short."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.05)
+    try:
+        pool = make_pool(workers=1)
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert pool.wait_ready(10)  # so that submit writes the job to the idle worker itself
+    with picked_up(pool):
+        assert pool.submit(jobs.sleep, 0.3).result() == 0.3
+    assert pool.submit(jobs.sleep, 0.3).result(10) == 0.3

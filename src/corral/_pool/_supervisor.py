@@ -964,7 +964,8 @@ class Supervisor:
 
     def _spawn(self) -> bool:
         parent_sock, child_sock = socket.socketpair()
-        parent_sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
+        for sock in (parent_sock, child_sock):
+            sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
         child_conn = Connection(child_sock.detach())
         process = self.context.Process(
             target=worker_main,
