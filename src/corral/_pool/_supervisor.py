@@ -412,8 +412,8 @@ class Supervisor:
         reply, and any log records or output before it). The supervisor thread sleeps on: one
         thread hand-off less per job. Its timers still run: a timeout or a memory kill ends the
         worker, and so the wait (``_on_exit`` leaves the rest of the death to this caller).
-        Returns when the job is over, at ``deadline`` (``time.monotonic()``),
-        or at once if the job is not its worker's head any more or another thread reads.
+        Returns when the job is over, at ``deadline`` (``time.monotonic()``), or at once if the
+        job is not its worker's head any more or another thread reads.
         """
         if self._owner == threading.get_ident():
             return  # a done-callback run while this thread handles replies: it cannot wait here
