@@ -2,8 +2,8 @@
 
     python benchmarks/all.py [--repeat 3]
 
-Runs ``pool.py`` and ``scheduler.py`` (each prints its table), writes their JSON to
-``benchmarks/results/`` and the loop-lag plot to ``docs/img/loop-lag.png``.
+Runs ``pool.py``, ``scheduler.py`` and ``waits.py`` (each prints its table), writes their JSON
+to ``benchmarks/results/`` and the loop-lag plot to ``docs/img/loop-lag.png``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
             str(ROOT / "docs" / "img" / "loop-lag.png"),
             *repeat,
         ],
+        ["waits.py", "--json", str(results / "waits.json"), *repeat],
     ]
     for script, *options in commands:
         subprocess.run([sys.executable, str(HERE / script), *options], check=True, cwd=HERE)
