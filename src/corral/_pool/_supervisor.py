@@ -696,6 +696,8 @@ class Supervisor:
         return job
 
     def _make_idle(self, worker: _Worker) -> None:
+        if worker.exited:
+            return  # a reply read as its exit is handled: no submitter may take it meanwhile
         with self.lock:  # submitters take idle workers (``_send_now``)
             worker.state = "idle"
             self._idle.append(worker)
