@@ -81,9 +81,10 @@ def main() -> None:
         for caller, child in itertools.product(WAYS, WAYS)
     }
     medians: dict[str, list[float]] = {name: [] for name in pairs}
+    cpus = sorted(os.sched_getaffinity(0))  # the caller on the first, the child on the others
     try:
         for _ in range(args.repeat):
-            with placed({0}, {1}):
+            with placed({cpus[0]}, set(cpus[1:]) or {cpus[0]}):
                 times = interleaved_round_trips(
                     {name: pair.call for name, pair in pairs.items()}, args.round_trips, rounds=10
                 )

@@ -1213,9 +1213,8 @@ class Supervisor:
             worker.job = None
             worker.waiting.clear()
             worker.process.join(1)
-            if worker.picker:  # that caller closes the socket when it stops
-                worker.exited = True
-                _shut_reading(worker)
+            if worker.picker:
+                self._on_exit(worker)  # ends that caller's wait; it closes the socket after
             else:
                 worker.sock.close()
         for job in self._queue:
