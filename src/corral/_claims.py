@@ -1,0 +1,289 @@
+"""Claims for asyncz executors: each fire runs on exactly one replica sharing the database.
+
+```
+send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one transaction)
+   <- on the loop: won -> the executor runs it; taken -> skipped quietly; full -> skipped,
+      TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
+outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.on_event -> Ledger.finish
+lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
+                           rerun_lost tasks are claimed again (attempt + 1) and run here
+```
+
+Executors know one thing of it: they call :meth:`Claims.claim` instead of running at once, and
+run what comes back won.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from asyncz.events import TaskExecutionEvent, TaskSubmissionEvent
+from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MAX_INSTANCES, TASK_MISSED
+
+from corral._exceptions import (
+    DatabaseUnavailableError,
+    JobCancelledError,
+    JobMissedError,
+    JobTimeoutError,
+    MemoryLimitError,
+    ReplicaLostError,
+    WorkerDiedError,
+)
+from corral._ledger import Claim, ClaimResult, Coordinator, LostRun, RunStatus
+from corral._ledger._records import micros
+from corral._ledger._schema import safe_url
+
+if TYPE_CHECKING:
+    from asyncz.tasks.types import TaskType
+
+logger = logging.getLogger("corral.ledger")
+
+OUTCOME_EVENTS = TASK_EXECUTED | TASK_ERROR | TASK_MISSED
+
+
+class ClaimingExecutor(Protocol):
+    """What :class:`Claims` needs of an executor: a way to run fires it won."""
+
+    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None: ...
+
+
+class Claims:
+    """The bridge between asyncz executors and the ledger's coordinator.
+
+    Args:
+        coordinator: The started coordinator.
+        scheduler: The asyncz scheduler (events are dispatched through it).
+        loop: The scheduler's event loop: callbacks from the coordinator thread run there.
+        rerun_lost: Whether a task (by id) is to run again when its run is lost.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        scheduler: Any,
+        loop: asyncio.AbstractEventLoop,
+        rerun_lost: Callable[[str], bool],
+    ) -> None:
+        self.coordinator = coordinator
+        self.scheduler = scheduler
+        self.loop = loop
+        self.rerun_lost = rerun_lost
+        self._open: dict[tuple[str, int], _OpenRun] = {}
+        coordinator.on_lost = self._on_lost_thread
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        executor: ClaimingExecutor,
+        task: TaskType,
+        run_times: list[datetime],
+        *,
+        attempt: int = 0,
+    ) -> None:
+        """Claim ``run_times`` of ``task``; run the fires won with ``executor.run_claimed``
+        (on the loop; the executor takes the task's instance then)."""
+        task_id = str(task.id)
+
+        def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
+            self._call_soon(self._settle, executor, task, run_times, results, error, attempt)
+
+        self.coordinator.claim(task_id, run_times, task.max_instances, done, attempt=attempt)
+
+    def _settle(
+        self,
+        executor: ClaimingExecutor,
+        task: TaskType,
+        run_times: list[datetime],
+        results: list[ClaimResult] | None,
+        error: BaseException | None,
+        attempt: int,
+    ) -> None:
+        task_id = str(task.id)
+        if results is None:
+            self._report_unclaimed(task, run_times, error)
+            return
+        full = [r.scheduled for r in results if r.claim is Claim.FULL]
+        if full:
+            logger.warning(
+                "Execution of task %r skipped: maximum number of running instances reached "
+                "(%d) across replicas",
+                task_id,
+                task.max_instances,
+            )
+            self.scheduler.dispatch_event(
+                TaskSubmissionEvent(
+                    code=TASK_MAX_INSTANCES,
+                    task_id=task_id,
+                    store=str(task.store_alias),
+                    scheduled_run_times=full,
+                    source="scheduled",
+                )
+            )
+        won = [r for r in results if r.claim is Claim.WON]
+        if not won:
+            return
+        for result in won:
+            assert result.run_id is not None
+            self._open[(task_id, micros(result.scheduled))] = _OpenRun(result.run_id)
+        executor.run_claimed(task, [r.scheduled for r in won], rerun=attempt > 0)
+
+    def _report_unclaimed(
+        self, task: TaskType, run_times: list[datetime], error: BaseException | None
+    ) -> None:
+        url = safe_url(self.coordinator.ledger.url)
+        for run_time in run_times:
+            exc = DatabaseUnavailableError(
+                f"task {task.id!r}, run time {run_time.isoformat()}: not run, because its fire "
+                f"could not be claimed in {url} ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                f"check that the database is reachable",
+                database=url,
+            )
+            logger.error("%s", exc)
+            self.scheduler.dispatch_event(
+                TaskExecutionEvent(
+                    code=TASK_ERROR,
+                    task_id=str(task.id),
+                    store=str(task.store_alias),
+                    scheduled_run_time=run_time,
+                    exception=exc,
+                )
+            )
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def skip(self, task: TaskType, run_times: list[datetime], error: BaseException) -> None:
+        """Fires won that this replica's executor refused (its own instance limit): recorded
+        ``skipped``, reported as asyncz reports a run past ``max_instances``."""
+        task_id = str(task.id)
+        for run_time in run_times:
+            run = self._open.pop((task_id, micros(run_time)), None)
+            if run is not None:
+                self.coordinator.finish(run.run_id, "skipped", error=str(error))
+        self.scheduler.dispatch_event(
+            TaskSubmissionEvent(
+                code=TASK_MAX_INSTANCES,
+                task_id=task_id,
+                store=str(task.store_alias),
+                scheduled_run_times=run_times,
+                source="scheduled",
+            )
+        )
+
+    def started(self, task_id: str, run_time: datetime, worker_pid: int | None, at: float) -> None:
+        """Note where and when a claimed run started (recorded with its outcome)."""
+        run = self._open.get((task_id, micros(run_time)))
+        if run is not None:
+            run.worker_pid, run.started_at = worker_pid, at
+
+    def on_event(self, event: Any) -> None:
+        """asyncz listener: record the outcome of a claimed run in the ledger."""
+        if not isinstance(event, TaskExecutionEvent):
+            return
+        scheduled = event.scheduled_run_time
+        if not isinstance(scheduled, datetime) or event.task_id is None:
+            return
+        run = self._open.pop((str(event.task_id), micros(scheduled)), None)
+        if run is None:
+            return
+        status, error = _status_of(event)
+        self.coordinator.finish(
+            run.run_id,
+            status,
+            error=error,
+            worker_pid=run.worker_pid,
+            started_at=run.started_at,
+        )
+
+    def cancel_open(self) -> None:
+        """Forget runs that will report nothing (the ledger records them cancelled on leave)."""
+        self._open.clear()
+
+    # -- lost runs ------------------------------------------------------------------------------
+
+    def _on_lost_thread(self, lost: list[LostRun]) -> None:
+        self._call_soon(self._report_lost, lost)
+
+    def _report_lost(self, lost: list[LostRun]) -> None:
+        for run in lost:
+            exc = ReplicaLostError(
+                f"task {run.task!r}, run time {run.scheduled.isoformat()}: its replica (host "
+                f"{run.host}, pid {run.pid}) stopped renewing its lease before the run "
+                f"finished; whether it ran is unknown"
+                + (
+                    "; it runs again here (rerun_lost=True)"
+                    if self.rerun_lost(run.task)
+                    else "; set rerun_lost=True on the task to run it again"
+                ),
+                job_id=run.run_id,
+                host=run.host,
+                pid=run.pid,
+            )
+            logger.error("%s", exc)
+            self.scheduler.dispatch_event(
+                TaskExecutionEvent(
+                    code=TASK_ERROR,
+                    task_id=run.task,
+                    store="default",
+                    scheduled_run_time=run.scheduled,
+                    exception=exc,
+                )
+            )
+            if self.rerun_lost(run.task):
+                self._rerun(run)
+
+    def _rerun(self, run: LostRun) -> None:
+        try:
+            task = self.scheduler.get_task(run.task)
+            executor = self.scheduler.lookup_executor(task.executor)
+        except Exception:  # the task is not scheduled here (any more)
+            logger.warning("Lost run of task %r not rerun: no such task here", run.task)
+            return
+        if task is None:
+            return
+        self.claim(executor, task, [run.scheduled], attempt=run.attempt + 1)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            logger.debug("corral ledger callback dropped: the event loop is closed")
+
+
+class _OpenRun:
+    __slots__ = ("run_id", "started_at", "worker_pid")
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.worker_pid: int | None = None
+        self.started_at: float | None = time.time()
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[BaseException], RunStatus], ...] = (
+    (JobTimeoutError, "timeout"),
+    (WorkerDiedError, "crashed"),
+    (MemoryLimitError, "memory"),
+    (JobMissedError, "missed"),
+    (JobCancelledError, "cancelled"),
+)
+
+
+def _status_of(event: TaskExecutionEvent) -> tuple[RunStatus, str | None]:
+    if event.code == TASK_EXECUTED:
+        return "executed", None
+    if event.code == TASK_MISSED:
+        return "missed", "handed over later than mistrigger_grace_time"
+    error = event.exception
+    text = f"{type(error).__name__}: {error}"
+    if event.traceback:
+        text = f"{text}\n{event.traceback}"
+    for cls, status in _STATUS_OF_ERROR:
+        if isinstance(error, cls):
+            return status, text
+    return "error", text

@@ -1,0 +1,313 @@
+"""``Coordinator``: the ledger's own thread, so that no database call ever runs on the app's loop.
+
+```
+executor (app loop) --claim/finish--> queue --> coordinator thread --> Ledger --> database
+           <--- done(result, error) callbacks, on the coordinator thread ---'
+every lease/3 s: retry unrecorded outcomes, renew the lease, reap expired replicas (-> on_lost),
+                 prune old runs (hourly)
+```
+
+When the database cannot be reached, each call's callback gets the error (the caller reports
+that fire and does not run it), one WARNING says what is wrong, and the next call or tick tries
+again: the scheduler resumes by itself when the database is back.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from corral._ledger._ledger import Ledger
+from corral._ledger._records import Claim, ClaimResult, LostRun, RunRecord, RunStatus
+from corral._ledger._schema import safe_url
+
+logger = logging.getLogger("corral.ledger")
+
+Done = Callable[[Any, BaseException | None], None]
+PENDING_LIMIT = 10_000
+PRUNE_EVERY = 3600.0
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class LedgerStatistics:
+    """What this replica's coordinator did so far."""
+
+    database: str
+    available: bool
+    claims_won: int
+    claims_taken: int
+    """Fires another replica claimed first: skipped here, silently."""
+    claims_skipped: int
+    """Fires recorded ``skipped``: ``max_instances`` runs were in progress across replicas."""
+    claims_failed: int
+    """Fires not run because the database could not be reached."""
+    lost_reported: int
+    unrecorded_outcomes: int
+    """Outcomes waiting for the database to be recorded."""
+    queries: int
+
+
+class Coordinator:
+    """Runs every ledger call on one thread; renews this replica's lease in the background.
+
+    Args:
+        ledger: The ledger (not joined yet).
+        on_lost: Called on the coordinator thread with runs this replica found lost (each lost
+            run is found by exactly one replica).
+        retention: Finished runs older than this are pruned (hourly).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        on_lost: Callable[[list[LostRun]], None],
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self.ledger = ledger
+        self.on_lost = on_lost
+        self.retention = retention
+        self.tick_every = ledger.lease / 3
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._available = True
+        self._counts = collections.Counter[str]()
+        self._last_prune = 0.0
+        self._joined = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join the ledger (blocking: call it off the event loop) and start the thread.
+
+        A database that cannot be reached is a WARNING, not an error: the thread joins when
+        it is back, and until then each fire is reported with the error and not run.
+        """
+        try:
+            self.ledger.join()
+            self._joined = True
+        except (SQLAlchemyError, OSError) as exc:
+            self._unavailable(exc)
+        self._thread = threading.Thread(target=self._main, name="corral-ledger", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> list[RunRecord]:
+        """Record what is queued, leave the ledger and close it; returns runs left in progress
+        (recorded ``cancelled``). Blocking: call it off the event loop."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout)
+        left: list[RunRecord] = []
+        try:
+            if not self._joined:
+                return left
+            self._retry_pending()
+            left = self.ledger.leave()
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning(
+                "corral could not deregister from %s at shutdown: %s (other replicas will "
+                "report this replica's unfinished runs lost when its lease expires)",
+                safe_url(self.ledger.url),
+                exc,
+            )
+        finally:
+            self.ledger.close()
+        return left
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        task: str,
+        scheduled: Sequence[datetime],
+        max_instances: int,
+        done: Callable[[list[ClaimResult] | None, BaseException | None], None],
+        *,
+        attempt: int = 0,
+    ) -> None:
+        """Claim fires on the thread; ``done(results, error)`` is called there."""
+        self._queue.put((self._claim, (task, list(scheduled), max_instances, attempt), done))
+
+    def finish(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        error: str | None = None,
+        worker_pid: int | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        """Record a run's outcome (kept and retried while the database is away)."""
+        finished_at = time.time()
+        args = (run_id, status, error, worker_pid, started_at, finished_at)
+        self._queue.put((self._finish, args, None))
+
+    def statistics(self) -> LedgerStatistics:
+        counts = self._counts
+        return LedgerStatistics(
+            database=safe_url(self.ledger.url),
+            available=self._available,
+            claims_won=counts["won"],
+            claims_taken=counts["taken"],
+            claims_skipped=counts["full"],
+            claims_failed=counts["failed"],
+            lost_reported=counts["lost"],
+            unrecorded_outcomes=len(self._pending),
+            queries=self.ledger.queries,
+        )
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        next_tick = time.monotonic() + self.tick_every
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            if item is not None:
+                fn, args, done = item
+                self._run(fn, args, done)
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + self.tick_every
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done | None) -> None:
+        try:
+            value = fn(*args)
+        except (SQLAlchemyError, OSError) as exc:
+            self._unavailable(exc)
+            if done is not None:
+                self._call_back(done, None, exc)
+            return
+        except Exception as exc:  # a bug or a bad value: that call's error, never the thread's
+            logger.exception("corral ledger call %s failed", getattr(fn, "__name__", fn))
+            if done is not None:
+                self._call_back(done, None, exc)
+            return
+        self._reachable()
+        if done is not None:
+            self._call_back(done, value, None)
+
+    @staticmethod
+    def _call_back(done: Done, value: Any, error: BaseException | None) -> None:
+        try:
+            done(value, error)
+        except Exception:
+            logger.exception("corral ledger callback %r failed", done)
+
+    def _claim(
+        self, task: str, scheduled: list[datetime], max_instances: int, attempt: int
+    ) -> list[ClaimResult]:
+        try:
+            results = self.ledger.claim(task, scheduled, max_instances, attempt=attempt)
+        except (SQLAlchemyError, OSError):
+            self._counts["failed"] += len(scheduled)
+            raise
+        for result in results:
+            self._counts[result.claim.value] += 1
+            if result.claim is Claim.TAKEN:
+                logger.debug(
+                    "Fire %s of task %r was claimed by another replica; skipped here",
+                    result.scheduled,
+                    task,
+                )
+        return results
+
+    def _finish(self, *args: Any) -> None:
+        try:
+            self._record(args)
+        except (SQLAlchemyError, OSError):
+            if len(self._pending) >= PENDING_LIMIT:
+                dropped = self._pending.popleft()
+                logger.error("corral dropped the unrecorded outcome of run %s", dropped[0])
+            self._pending.append(args)
+            raise
+
+    def _record(self, args: tuple[Any, ...]) -> None:
+        run_id, status, error, worker_pid, started_at, finished_at = args
+        recorded = self.ledger.finish(
+            run_id,
+            status,
+            error=error,
+            worker_pid=worker_pid,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        if not recorded:
+            logger.warning(
+                "Run %s finished (%s) after it had been reported lost: this replica's lease "
+                "expired while it ran (was the process stopped, or the database away for "
+                "longer than the lease?)",
+                run_id,
+                status,
+            )
+
+    def _retry_pending(self) -> None:
+        while self._pending:
+            self._record(self._pending[0])
+            self._pending.popleft()
+
+    def _tick(self) -> None:
+        self._run(self._maintain, (), None)
+
+    def _maintain(self) -> None:
+        if not self._joined:
+            self.ledger.join()
+            self._joined = True
+        self._retry_pending()
+        if not self.ledger.renew():
+            logger.warning(
+                "This replica's lease in %s had expired (the process was stopped or cut off "
+                "for longer than %.0f s); other replicas reported its runs in progress lost",
+                safe_url(self.ledger.url),
+                self.ledger.lease,
+            )
+        lost = self.ledger.reap()
+        if lost:
+            self._counts["lost"] += len(lost)
+            self.on_lost(lost)
+        now = time.monotonic()
+        if now - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = now
+            pruned = self.ledger.prune(self.retention)
+            if pruned:
+                logger.debug(
+                    "Pruned %d run(s) older than %s from the ledger", pruned, self.retention
+                )
+
+    def _unavailable(self, exc: BaseException) -> None:
+        if self._available:
+            self._available = False
+            logger.warning(
+                "corral cannot reach its database %s: %s. Due runs are not executed while it "
+                "is away (no replica could tell whether another ran them); each is reported "
+                "with this error. Retrying every %.1f s.",
+                safe_url(self.ledger.url),
+                _one_line(exc),
+                self.tick_every,
+            )
+
+    def _reachable(self) -> None:
+        if not self._available:
+            self._available = True
+            logger.info("corral reaches its database %s again", safe_url(self.ledger.url))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,406 @@
+"""``Ledger``: claims, leases and the run history, over one SQLAlchemy engine.
+
+Every method is one short transaction and blocks its caller: the scheduler calls them from its
+coordinator thread (never from the app's event loop); ``corral runs`` and ``corral status``
+call them directly.
+
+The claim protocol:
+
+1. A fire is (task id, scheduled time); a run is a fire and an attempt (0, then 1 for a rerun
+   of a lost run). ``corral_runs`` has a unique key on the three.
+2. ``claim`` counts the task's runs in progress everywhere and inserts one row per fire with
+   ``ON CONFLICT DO NOTHING``, in one transaction serialised per task (SQLite: ``BEGIN
+   IMMEDIATE``; PostgreSQL: an advisory lock on the task's name). The replica whose insert
+   succeeds runs the fire; the others see a conflict and skip it.
+3. Runs handed over together (one ``send_task``) share a batch and count as one instance, as
+   in asyncz; past ``max_instances`` batches in progress, the fire is recorded ``skipped``.
+4. Each replica renews its lease; a replica whose lease expired is deleted by exactly one
+   survivor (the delete is the decision), which marks its runs in progress ``lost`` in the
+   same transaction and reports them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, and_, delete, func, select, update
+
+from corral._ledger._records import (
+    Claim,
+    ClaimResult,
+    LostRun,
+    ReplicaRecord,
+    RunRecord,
+    RunStatus,
+    bounded,
+    from_micros,
+    from_seconds,
+    micros,
+)
+from corral._ledger._schema import (
+    create_tables,
+    insert_ignoring_conflicts,
+    make_engine,
+    replicas,
+    runs,
+    safe_url,
+    transaction,
+)
+
+DEFAULT_LEASE = 10.0
+
+
+class Ledger:
+    """The run ledger in a database shared by every replica.
+
+    Args:
+        url: ``sqlite:///path/to/corral.db`` or ``postgresql://user:password@host/dbname``.
+        lease: Seconds a replica stays alive in the others' eyes without renewing its lease.
+        clock: Wall-clock seconds since the epoch (replaceable in tests).
+    """
+
+    def __init__(self, url: str, *, lease: float = DEFAULT_LEASE, clock: Any = time.time) -> None:
+        self.url = url
+        self.lease = lease
+        self._clock = clock
+        self.engine: Engine = make_engine(url)
+        self.replica = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.queries = 0  # transactions run, for the idle-cost figures
+        self._tables_ready = False
+
+    def __repr__(self) -> str:
+        return f"Ledger({safe_url(self.url)!r})"
+
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
+    # -- this replica ---------------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Create the tables if needed and register this replica with a fresh lease."""
+        self._ensure_tables()
+        now = self._clock()
+        with self._transaction() as connection:
+            connection.execute(delete(replicas).where(replicas.c.id == self.replica))
+            connection.execute(
+                replicas.insert().values(
+                    id=self.replica,
+                    host=self.host,
+                    pid=self.pid,
+                    started_at=now,
+                    renewed_at=now,
+                    lease_until=now + self.lease,
+                )
+            )
+
+    def renew(self) -> bool:
+        """Extend this replica's lease; ``False`` if it had expired and others removed it
+        (it is then registered again: its runs in progress were already reported lost)."""
+        with self._transaction() as connection:
+            return self._touch(connection, self._clock())
+
+    def _touch(self, connection: Any, now: float) -> bool:
+        renewed = connection.execute(
+            update(replicas)
+            .where(replicas.c.id == self.replica)
+            .values(renewed_at=now, lease_until=now + self.lease)
+        ).rowcount
+        if not renewed:
+            connection.execute(
+                replicas.insert().values(
+                    id=self.replica,
+                    host=self.host,
+                    pid=self.pid,
+                    started_at=now,
+                    renewed_at=now,
+                    lease_until=now + self.lease,
+                )
+            )
+        return bool(renewed)
+
+    def leave(self) -> list[RunRecord]:
+        """Deregister; runs still in progress here are recorded ``cancelled`` and returned."""
+        now = self._clock()
+        with self._transaction() as connection:
+            open_runs = self._open_runs(connection, self.replica)
+            connection.execute(
+                update(runs)
+                .where(and_(runs.c.replica == self.replica, runs.c.status == "claimed"))
+                .values(
+                    status="cancelled",
+                    finished_at=now,
+                    error="the replica shut down before the run finished",
+                )
+            )
+            connection.execute(delete(replicas).where(replicas.c.id == self.replica))
+        return open_runs
+
+    # -- claims ---------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        task: str,
+        scheduled: Sequence[datetime],
+        max_instances: int,
+        *,
+        attempt: int = 0,
+    ) -> list[ClaimResult]:
+        """Claim the fires of ``task`` at ``scheduled`` (handed over together: one instance)."""
+        if not scheduled:
+            return []
+        now = self._clock()
+        batch = uuid.uuid4().hex
+        results: list[ClaimResult] = []
+        with self._transaction(lock=f"corral:task:{task}") as connection:
+            # A replica claims only while registered: a run is never left without a lease.
+            self._touch(connection, now)
+            in_progress = connection.execute(
+                select(func.count(func.distinct(runs.c.batch))).where(
+                    and_(runs.c.task == task, runs.c.status == "claimed")
+                )
+            ).scalar_one()
+            full = in_progress >= max_instances
+            for moment in scheduled:
+                values = {
+                    "task": task,
+                    "scheduled_us": micros(moment),
+                    "attempt": attempt,
+                    "batch": batch,
+                    "status": "skipped" if full else "claimed",
+                    "replica": self.replica,
+                    "host": self.host,
+                    "pid": self.pid,
+                    "claimed_at": now,
+                    "finished_at": now if full else None,
+                    "error": (
+                        f"max_instances={max_instances} runs of {task!r} were in progress "
+                        f"across replicas"
+                        if full
+                        else None
+                    ),
+                }
+                run_id = insert_ignoring_conflicts(connection, runs, values)
+                if run_id is None:
+                    results.append(ClaimResult(moment, Claim.TAKEN))
+                    continue
+                results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id))
+        return results
+
+    def start(self, run_id: int, worker_pid: int | None = None) -> None:
+        """Record that a claimed run started (in a worker, when ``worker_pid`` is known)."""
+        with self._transaction() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(started_at=self._clock(), worker_pid=worker_pid)
+            )
+
+    def finish(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        error: str | None = None,
+        worker_pid: int | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+    ) -> bool:
+        """Record a run's outcome; ``False`` if it was no longer in progress (reported lost)."""
+        finished_at = self._clock() if finished_at is None else finished_at
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": finished_at,
+            "error": bounded(error),
+        }
+        if worker_pid is not None:
+            values["worker_pid"] = worker_pid
+        if started_at is not None:
+            values["started_at"] = started_at
+            values["duration"] = max(0.0, finished_at - started_at)
+        with self._transaction() as connection:
+            return bool(
+                connection.execute(
+                    update(runs)
+                    .where(and_(runs.c.id == run_id, runs.c.status == "claimed"))
+                    .values(**values)
+                ).rowcount
+            )
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def reap(self) -> list[LostRun]:
+        """Mark the runs in progress of every replica whose lease expired ``lost``; return them.
+
+        Each expired replica is reaped by exactly one caller: the one whose delete of its row
+        succeeds, in the same transaction as the update of its runs.
+        """
+        now = self._clock()
+        lost: list[LostRun] = []
+        with self._transaction(lock="corral:reap") as connection:
+            expired = connection.execute(select(replicas).where(replicas.c.lease_until < now)).all()
+            for replica in expired:
+                gone = connection.execute(
+                    delete(replicas).where(
+                        and_(replicas.c.id == replica.id, replicas.c.lease_until < now)
+                    )
+                ).rowcount
+                if not gone:
+                    continue
+                lost += self._mark_lost(connection, replica.id, replica.host, replica.pid, now)
+            # Runs of replicas with no row at all (removed by hand, say) are lost too.
+            orphans = connection.execute(
+                select(runs.c.replica, runs.c.host, runs.c.pid)
+                .where(
+                    and_(
+                        runs.c.status == "claimed",
+                        runs.c.replica.not_in(select(replicas.c.id)),
+                    )
+                )
+                .distinct()
+            ).all()
+            for orphan in orphans:
+                lost += self._mark_lost(connection, orphan.replica, orphan.host, orphan.pid, now)
+        return lost
+
+    def _mark_lost(
+        self, connection: Any, replica: str, host: str, pid: int, now: float
+    ) -> list[LostRun]:
+        open_runs = self._open_runs(connection, replica)
+        if open_runs:
+            connection.execute(
+                update(runs)
+                .where(and_(runs.c.replica == replica, runs.c.status == "claimed"))
+                .values(
+                    status="lost",
+                    finished_at=now,
+                    error=(
+                        f"replica {host} pid {pid} stopped renewing its lease (killed, "
+                        f"stopped, or cut off from the database) before the run finished"
+                    ),
+                )
+            )
+        return [
+            LostRun(run.id, run.task, run.scheduled, run.attempt, run.host, run.pid)
+            for run in open_runs
+        ]
+
+    def prune(self, older_than: timedelta) -> int:
+        """Delete finished runs that ended more than ``older_than`` ago; return how many."""
+        cutoff = self._clock() - older_than.total_seconds()
+        with self._transaction() as connection:
+            return int(
+                connection.execute(
+                    delete(runs).where(
+                        and_(runs.c.status != "claimed", runs.c.finished_at < cutoff)
+                    )
+                ).rowcount
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def runs(
+        self,
+        *,
+        task: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        limit: int | None = 100,
+    ) -> list[RunRecord]:
+        """Recorded runs, the most recently scheduled first."""
+        query = select(runs).order_by(runs.c.scheduled_us.desc(), runs.c.attempt.desc())
+        if task is not None:
+            query = query.where(runs.c.task == task)
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if since is not None:
+            query = query.where(runs.c.scheduled_us >= micros(since))
+        if limit is not None:
+            query = query.limit(limit)
+        self._ensure_tables()
+        with self.engine.connect() as connection:
+            self.queries += 1
+            return [_run_record(row) for row in connection.execute(query)]
+
+    def replicas(self) -> list[ReplicaRecord]:
+        """The replicas whose lease is current, each with its runs in progress."""
+        self._ensure_tables()
+        now = self._clock()
+        with self.engine.connect() as connection:
+            self.queries += 1
+            live = connection.execute(
+                select(replicas)
+                .where(replicas.c.lease_until >= now)
+                .order_by(replicas.c.host, replicas.c.pid)
+            ).all()
+            return [
+                ReplicaRecord(
+                    id=row.id,
+                    host=row.host,
+                    pid=row.pid,
+                    started_at=from_seconds(row.started_at),  # type: ignore[arg-type]
+                    renewed_at=from_seconds(row.renewed_at),  # type: ignore[arg-type]
+                    lease_until=from_seconds(row.lease_until),  # type: ignore[arg-type]
+                    running=tuple(self._open_runs(connection, row.id)),
+                )
+                for row in live
+            ]
+
+    def in_progress(self, task: str) -> int:
+        """How many instances (batches) of ``task`` are in progress across replicas."""
+        with self.engine.connect() as connection:
+            self.queries += 1
+            return int(
+                connection.execute(
+                    select(func.count(func.distinct(runs.c.batch))).where(
+                        and_(runs.c.task == task, runs.c.status == "claimed")
+                    )
+                ).scalar_one()
+            )
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _ensure_tables(self) -> None:
+        if not self._tables_ready:
+            create_tables(self.engine)
+            self._tables_ready = True
+
+    def _transaction(self, lock: str | None = None) -> Any:
+        self.queries += 1
+        return transaction(self.engine, lock)
+
+    @staticmethod
+    def _open_runs(connection: Any, replica: str) -> list[RunRecord]:
+        rows = connection.execute(
+            select(runs)
+            .where(and_(runs.c.replica == replica, runs.c.status == "claimed"))
+            .order_by(runs.c.scheduled_us)
+        ).all()
+        return [_run_record(row) for row in rows]
+
+
+def _run_record(row: Row[Any]) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        task=row.task,
+        scheduled=from_micros(row.scheduled_us),
+        attempt=row.attempt,
+        status=row.status,
+        host=row.host,
+        pid=row.pid,
+        replica=row.replica,
+        claimed_at=from_seconds(row.claimed_at),  # type: ignore[arg-type]
+        started_at=from_seconds(row.started_at),
+        finished_at=from_seconds(row.finished_at),
+        worker_pid=row.worker_pid,
+        duration=row.duration,
+        error=row.error,
+    )
