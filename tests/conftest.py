@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -129,3 +131,36 @@ def load() -> Iterator[Callable[[str], ModuleType]]:
     yield load
     for name in loaded:
         sys.modules.pop(name, None)
+
+
+# -- databases for the ledger ---------------------------------------------------------------------
+
+POSTGRES_ENV = "CORRAL_TEST_POSTGRES"
+DATABASES = ["sqlite", "postgresql"]
+
+
+def fresh_database(kind: str, folder: Path) -> str:
+    """A URL of an empty ledger database: a new SQLite file, or the test PostgreSQL server with
+    corral's tables dropped. PostgreSQL tests skip unless ``CORRAL_TEST_POSTGRES`` is set."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'corral.db'}"
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(
+            f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql://user@host:port/db "
+            f"(.ci/postgres starts one and prints its URL)"
+        )
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS corral_runs, corral_replicas"))
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_database(str(request.param), tmp_path)

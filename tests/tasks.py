@@ -52,3 +52,20 @@ class TaskFailure(Exception):
 
 def fail() -> None:
     raise TaskFailure("task failed on purpose")
+
+
+class Cleaner:
+    """A task that is a method: ``cleaner.run`` runs in a worker, on the worker's ``cleaner``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def run(self, n: int) -> str:
+        return f"{self.prefix} {n} in {os.getpid()}"
+
+    async def run_async(self) -> int:
+        await asyncio.sleep(0)
+        return os.getpid()
+
+
+cleaner = Cleaner("cleaned")

@@ -40,6 +40,33 @@ async def test_asgi_lifespan_runs_the_pool_with_the_app(load: Any) -> None:
     assert not example.tasks.running
 
 
+async def test_ravyns_asyncz_config_form_runs_ravyns_tasks_in_workers(load: Any) -> None:
+    example = load("integration_ravyn")
+    load("integration_ravyn_tasks")
+    config = example.scheduler_config
+    assert (config.workers, config.coalesce, config.timezone) == (2, True, "UTC")
+    async with lifespan_of(example.app):
+        scheduler = config.scheduler
+        assert scheduler is not None and scheduler.running
+        assert {t.id for t in scheduler.tasks()} == {"collect-market-data", "send-newsletter"}
+        recorder = Recorder().attach(scheduler)
+        assert scheduler.asyncz is not None
+        scheduler.asyncz.update_task("collect-market-data", next_run_time=datetime.now(UTC))
+        (event, *_) = await recorder.count(TASK_EXECUTED, "collect-market-data", 1)
+        assert event.return_value.startswith("collected in process ")
+        assert int(event.return_value.split()[-1]) != os.getpid()
+
+
+async def test_litestar_lifespan_list_runs_the_pool_with_the_app(load: Any) -> None:
+    example = load("integration_litestar")
+    async with lifespan_of(example.app):
+        assert example.tasks.running
+        assert [t.id for t in example.tasks.tasks()] == ["rebuild-index"]
+        assert await example.tasks.wait_ready(30)
+        assert await example.health.fn() == {"workers": 2}
+    assert not example.tasks.running
+
+
 async def test_plain_asyncz_runs_tasks_in_corral_workers(load: Any) -> None:
     example = load("integration_asyncz")
     (pid,) = await asyncio.wait_for(example.main(), 30)

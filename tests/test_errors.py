@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 import jobs
-from corral import Pool, QueueFullError, RemoteError, SchedulerConfig, scheduler
+from corral import Pool, ProcessExecutor, QueueFullError, RemoteError, SchedulerConfig, scheduler
 from corral._cli import main
 from corral._pool._refs import reference_of
+from corral.ravyn import AsynczConfig
 
 ROOT = Path(__file__).parent.parent
 
@@ -97,11 +98,22 @@ CASES: dict[str, Callable[[Any], str]] = {
     '`@scheduler(..., timeout=5, executor="thread")`': lambda _: raised(
         lambda: scheduler(trigger="interval", hours=1, timeout=5, executor="thread")
     ),
+    '`@scheduler(..., timezone="Europe/Pariss")`': lambda _: raised(
+        lambda: scheduler(trigger="cron", hour=9, timezone="Europe/Pariss")
+    ),
+    "`ProcessExecutor(max_workers=2, workers=3)`": lambda _: raised(
+        lambda: ProcessExecutor(max_workers=2, workers=3)
+    ),
+    '`AsynczConfig(configurations={"asyncz.stores.default": {"type": "redis"}})`': lambda _: raised(
+        lambda: AsynczConfig(configurations={"asyncz.stores.default": {"type": "redis"}})
+    ),
     "a lambda as a task or job": lambda pool: raised(lambda: pool.submit(lambda: None)),
     "a function defined inside a function": lambda _: raised(
         lambda: scheduler(trigger="interval", hours=1)(local_function())
     ),
-    "a bound method": lambda _: raised(lambda: reference_of(Holder().method)),
+    "a method of an instance that no module-level name holds": lambda _: raised(
+        lambda: reference_of(Holder().method)
+    ),
     "`pool.submit(fn, a_lock)`": lambda pool: raised(
         lambda: pool.submit(jobs.takes, threading.Lock())
     ),

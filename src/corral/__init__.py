@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from corral._asyncz_names import register_alias
 from corral._exceptions import (
     ConfigurationError,
     CorralError,
+    DatabaseUnavailableError,
     JobCancelledError,
     JobError,
     JobMissedError,
@@ -18,6 +20,7 @@ from corral._exceptions import (
     QueueFullError,
     RemoteError,
     RemoteTraceback,
+    ReplicaLostError,
     SerializationError,
     WorkerDiedError,
     WorkerStartError,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from corral._constants import DEFAULT
     from corral._decorator import TaskSpec, registered_tasks, scheduler
     from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
+    from corral._ledger import Ledger, LedgerStatistics, ReplicaRecord, RunRecord
     from corral._pool._pool import Pool
     from corral._pool._settings import PoolSettings
     from corral._pool._stats import PoolStatistics, WorkerStatistics
@@ -40,11 +44,14 @@ __all__ = [
     "AsyncIOExecutor",
     "ConfigurationError",
     "CorralError",
+    "DatabaseUnavailableError",
     "JobCancelledError",
     "JobError",
     "JobFuture",
     "JobMissedError",
     "JobTimeoutError",
+    "Ledger",
+    "LedgerStatistics",
     "MemoryLimitError",
     "NotImportableError",
     "Pool",
@@ -55,6 +62,9 @@ __all__ = [
     "QueueFullError",
     "RemoteError",
     "RemoteTraceback",
+    "ReplicaLostError",
+    "ReplicaRecord",
+    "RunRecord",
     "Scheduler",
     "SchedulerConfig",
     "SerializationError",
@@ -67,6 +77,9 @@ __all__ = [
     "registered_tasks",
     "scheduler",
 ]
+
+# {"type": "corral"} in asyncz executor configs, without importing asyncz here.
+register_alias()
 
 # Imported on first use, so that worker processes (which import this package) stay light.
 _LAZY = {
@@ -84,6 +97,10 @@ _LAZY = {
     "ThreadExecutor": "corral._executor",
     "AsyncIOExecutor": "corral._executor",
     "Scheduler": "corral._runtime",
+    "Ledger": "corral._ledger",
+    "LedgerStatistics": "corral._ledger",
+    "ReplicaRecord": "corral._ledger",
+    "RunRecord": "corral._ledger",
 }
 
 

@@ -177,10 +177,11 @@ class Claims:
         )
 
     def started(self, task_id: str, run_time: datetime, worker_pid: int | None, at: float) -> None:
-        """Note where and when a claimed run started (recorded with its outcome)."""
+        """Record where and when a claimed run started (once; any thread, never blocks)."""
         run = self._open.get((task_id, micros(run_time)))
-        if run is not None:
+        if run is not None and run.worker_pid is None:
             run.worker_pid, run.started_at = worker_pid, at
+            self.coordinator.started(run.run_id, worker_pid, at)
 
     def on_event(self, event: Any) -> None:
         """asyncz listener: record the outcome of a claimed run in the ledger."""

@@ -1,4 +1,5 @@
-"""The ``corral`` command: ``corral run`` and ``corral check``.
+"""The ``corral`` command: ``corral run`` and ``corral check``; ``runs`` and ``status`` read the
+ledger (``corral/_cli_ledger.py``).
 
 Errors a user can make (a module that does not import, no tasks, a bad option) end with one line
 on stderr and exit status 2; ``check`` exits 1 when a task has a problem.
@@ -19,9 +20,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from corral import _cli_ledger
 from corral._config import SchedulerConfig
 from corral._constants import DEFAULT, EXECUTOR_KINDS
-from corral._decorator import TaskSpec, next_run_times, registered_tasks
+from corral._decorator import TaskSpec, make_spec, next_run_times, registered_tasks
 from corral._exceptions import CorralError
 from corral._pool._pool import Pool
 from corral._pool._refs import reference_of, resolve
@@ -36,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``corral`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command in ("runs", "status"):
+        try:
+            return _cli_ledger.main(args)
+        except _cli_ledger.LedgerUsageError as exc:
+            print(f"corral: {exc}", file=sys.stderr)
+            return 2
     try:
         before = {spec.id for spec in registered_tasks()}
         module = load(args.target)
@@ -45,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec in registered_tasks()
             if spec.is_enabled and (spec.id not in before or spec.fn.__module__ == module.__name__)
         ]
+        specs += _config_tasks(module)
         if not specs:
             raise UsageError(f"no @scheduler tasks found in {args.target!r}")
         if args.command == "check":
@@ -64,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("target", help="a module name (app.tasks) or a file (app/tasks.py)")
         command.add_argument("--timezone", help="time zone of cron and date triggers")
     run_.add_argument("--workers", type=_positive_int, help="worker processes")
+    run_.add_argument(
+        "--database",
+        help="a database shared with the other processes running these tasks, so that each "
+        "fire runs once among them: sqlite:///path/to/corral.db or postgresql://... "
+        "(default: $CORRAL_DATABASE)",
+    )
     run_.add_argument("--executor", choices=EXECUTOR_KINDS, help="default executor of tasks")
     run_.add_argument(
         "--duration", type=_positive_float, help="stop after this many seconds (default: never)"
@@ -82,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="print one log line per event instead of the live view",
     )
+    _cli_ledger.add_commands(commands)
     return parser
 
 
@@ -130,13 +146,15 @@ def load(target: str) -> ModuleType:
 
 
 def _config(module: ModuleType, args: argparse.Namespace) -> SchedulerConfig:
-    """The module's ``scheduler_config`` if it has one, with the command line's options on top."""
-    base = getattr(module, "scheduler_config", None)
-    options: dict[str, Any] = {} if base is None else base.model_dump(exclude_unset=True)
+    """The module's app's config (see :func:`app_config`), with the command line's on top."""
+    base = app_config(module)
     if base is not None and not isinstance(base, SchedulerConfig):
         raise UsageError(f"{args.target}: scheduler_config is {base!r}, not a SchedulerConfig")
+    options: dict[str, Any] = {}
+    if base is not None:  # corral's fields only: a Ravyn-style config has more
+        options = {k: v for k, v in base.model_dump().items() if k in SchedulerConfig.model_fields}
     options["enabled"] = True
-    for name in ("workers", "executor", "timezone"):
+    for name in ("workers", "executor", "timezone", "database"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -145,6 +163,43 @@ def _config(module: ModuleType, args: argparse.Namespace) -> SchedulerConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"invalid settings: {problems}") from None
+
+
+def app_config(module: ModuleType) -> Any:
+    """The scheduler config the module sets up: its ``scheduler_config``, else the first that a
+    module-level object holds (a Ravyn app or settings as ``scheduler_config``, a
+    ``Scheduler`` as ``config``), else a module-level ``SchedulerConfig``."""
+    direct = getattr(module, "scheduler_config", None)
+    if direct is not None:
+        return direct
+    values = list(vars(module).values())
+    for value in values:
+        if isinstance(value, ModuleType | type):
+            continue
+        for attribute in ("scheduler_config", "config"):
+            try:
+                held = getattr(value, attribute, None)
+            except Exception:  # a property that cannot be read here holds no config
+                held = None
+            if isinstance(held, SchedulerConfig):
+                return held
+    return next((value for value in values if isinstance(value, SchedulerConfig)), None)
+
+
+def _config_tasks(module: ModuleType) -> list[TaskSpec]:
+    """The tasks a Ravyn-style config names (``tasks={"name": "module"}``)."""
+    base = app_config(module)
+    if not isinstance(base, SchedulerConfig) or not getattr(base, "tasks", None):
+        return []
+    from corral.ravyn import task_arguments
+
+    try:
+        return [
+            make_spec(fn, **options)
+            for fn, options in task_arguments(base.tasks, base._executor_aliases())  # type: ignore[attr-defined]
+        ]
+    except CorralError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # -- check ----------------------------------------------------------------------------------

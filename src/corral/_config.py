@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import zoneinfo
+from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -43,8 +44,19 @@ class SchedulerConfig(PoolSettings):
     modules: tuple[str, ...] = ()
     """Modules to import at start so that their ``@scheduler`` tasks are registered."""
     shutdown_timeout: Annotated[float, Field(ge=0)] | None = 30.0
-    """Seconds running tasks may take to finish at shutdown; then they are stopped (SIGTERM,
-    ``kill_grace``, SIGKILL) and reported cancelled. ``None`` waits for them."""
+    """Seconds the runs already started (running, or waiting for a worker) may take to finish at
+    shutdown; then they are stopped (SIGTERM, ``kill_grace``, SIGKILL) and reported cancelled.
+    ``None`` waits for them."""
+    database: str | None = None
+    """A database shared by every process that runs these tasks (server workers, replicas):
+    ``"sqlite:///path/to/corral.db"`` on one host, ``"postgresql://user:password@host/db"``
+    across hosts. Each fire then runs exactly once among them, and every run is recorded in
+    its ledger. ``None``: this process runs every fire itself."""
+    replica_lease: Annotated[float, Field(ge=1)] = 10.0
+    """Seconds after which a replica that stopped renewing its lease (renewed every third of
+    it) counts as dead: its unfinished runs are reported lost."""
+    ledger_retention: timedelta = timedelta(days=7)
+    """How long finished runs stay in the ledger (seconds, or ISO 8601 such as ``"P7D"``)."""
 
     _scheduler: Any = PrivateAttr(default=None)
 
@@ -69,6 +81,22 @@ class SchedulerConfig(PoolSettings):
             raise ValueError(
                 f"unknown time zone {value!r}; use an IANA name such as 'UTC' or 'Europe/Paris'"
             ) from None
+        return value
+
+    @field_validator("database")
+    @classmethod
+    def _usable_database(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from corral._ledger._schema import check_url
+
+        return check_url(value.strip())
+
+    @field_validator("ledger_retention")
+    @classmethod
+    def _positive_retention(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError(f"ledger_retention={value!r}; expected a positive duration like 'P7D'")
         return value
 
     @field_validator("modules", mode="before")
@@ -96,10 +124,11 @@ class SchedulerConfig(PoolSettings):
         await self._scheduler.start()
 
     async def shutdown(self) -> None:
-        """Stop the scheduler this config started: running jobs finish, then workers exit."""
+        """Stop the scheduler this config started: running jobs finish (SIGINT or SIGTERM
+        meanwhile stops them at once: a server's second signal), then workers exit."""
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
-            await scheduler.shutdown()
+            await scheduler._shutdown_for_server()
 
     def statistics(self) -> PoolStatistics | None:
         """The worker pool's statistics while the scheduler runs, else ``None``."""

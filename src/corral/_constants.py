@@ -13,5 +13,5 @@ class _Default:
 DEFAULT: Any = _Default()
 """Stands for "the pool's or the config's setting" where ``None`` means something else."""
 
-ExecutorKind = Literal["process", "thread", "asyncio"]
-EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("process", "thread", "asyncio")
+ExecutorKind = Literal["process", "thread", "asyncio", "dask"]
+EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("process", "thread", "asyncio", "dask")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
+import os
+import sys
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -26,7 +30,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 TriggerName = Literal["interval", "cron", "date"]
 
 TRIGGER_NAMES = ("interval", "cron", "date")
-_ALIASES = {"date": {"run_date": "run_at"}}  # APScheduler's and Ravyn's name for asyncz's run_at
+_MAIN_NAMES = ("__main__", "__mp_main__")  # names a script is imported under
+logger = logging.getLogger("corral.scheduler")
+# APScheduler's and Ravyn's names for asyncz's run_at, start_at and end_at
+_ALIASES = {
+    "date": {"run_date": "run_at"},
+    "interval": {"start_date": "start_at", "end_date": "end_at"},
+    "cron": {"start_date": "start_at", "end_date": "end_at"},
+}
 _DURATIONS = ("weeks", "days", "hours", "minutes", "seconds")
 
 
@@ -47,6 +58,7 @@ class TaskSpec:
     executor: Any = DEFAULT
     timeout: Any = DEFAULT
     is_enabled: bool = True
+    rerun_lost: bool = False
 
     def build_trigger(self, timezone: str) -> TriggerType:
         """The asyncz trigger, in ``timezone`` unless the task chose its own."""
@@ -80,6 +92,7 @@ def scheduler(
     args: Iterable[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     is_enabled: bool = True,
+    rerun_lost: bool = False,
     **trigger_args: Any,
 ) -> Callable[[F], F]:
     """Declare the decorated function as a scheduled task; return the function unchanged.
@@ -96,6 +109,8 @@ def scheduler(
         args: Positional arguments for the function.
         kwargs: Keyword arguments for the function.
         is_enabled: ``False`` declares the task without scheduling it.
+        rerun_lost: With a database: run a fire again when the replica that ran it died
+            before reporting its outcome (the run is reported lost either way).
         **trigger_args: The trigger's arguments, e.g. ``hours=1`` or ``hour=9, minute=0``.
 
     Raises:
@@ -119,6 +134,7 @@ def scheduler(
         args=args,
         kwargs=kwargs,
         is_enabled=is_enabled,
+        rerun_lost=rerun_lost,
         trigger_args=trigger_args,
     )
 
@@ -149,6 +165,7 @@ def make_spec(
     args: Iterable[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     is_enabled: bool = True,
+    rerun_lost: bool = False,
     **trigger_args: Any,
 ) -> TaskSpec:
     """Validate a task declaration and return it (``@scheduler`` without the registry)."""
@@ -165,6 +182,7 @@ def make_spec(
         args=args,
         kwargs=kwargs,
         is_enabled=is_enabled,
+        rerun_lost=rerun_lost,
         trigger_args=trigger_args,
     )
     return _bind(declared, fn)
@@ -185,6 +203,7 @@ def _declare(
     kwargs: Mapping[str, Any] | None,
     is_enabled: bool,
     trigger_args: Mapping[str, Any],
+    rerun_lost: bool = False,
 ) -> TaskSpec:
     """Check a declaration once; the result waits for its function (see :func:`_bind`)."""
     if trigger is None:
@@ -213,6 +232,7 @@ def _declare(
         executor=executor,
         timeout=timeout,
         is_enabled=is_enabled,
+        rerun_lost=bool(rerun_lost),
     )
 
 
@@ -241,11 +261,61 @@ def register(spec: TaskSpec) -> None:
     """Add ``spec`` to the registry; the same function declared again replaces itself."""
     existing = _registry.get(spec.id)
     if existing is not None and _reference(existing.fn) != _reference(spec.fn):
+        if _imported_twice(spec.id, existing.fn, spec.fn):
+            if _module_of(existing.fn) in _MAIN_NAMES:
+                _registry[spec.id] = spec  # the module's own name: workers import it as that
+            return
         raise ConfigurationError(
             f"task id {spec.id!r} is already used by {_reference(existing.fn)}; "
             f"give {_reference(spec.fn)} another name= or id="
         )
     _registry[spec.id] = spec
+
+
+def _imported_twice(task_id: str, first: Callable[..., Any], second: Callable[..., Any]) -> bool:
+    """Whether two declarations are one function of one file, imported under two names: as the
+    script (``__main__``) and as itself, as ``uvicorn.run("main:app")`` in ``main.py`` does."""
+    names = {_module_of(first), _module_of(second)}
+    qualname = getattr(first, "__qualname__", None)
+    if len(names & set(_MAIN_NAMES)) != 1 or qualname != getattr(second, "__qualname__", ""):
+        return False
+    path = _source_file(first)
+    if path is None or path != _source_file(second):
+        return False
+    (script,) = names & set(_MAIN_NAMES)
+    (module,) = names - set(_MAIN_NAMES)
+    logger.warning(
+        "Task %r is declared twice, as %s:%s and %s:%s: %s was imported twice, as the script "
+        "(%s) and as %r (uvicorn.run('%s:app') in that script does this), so its module-level "
+        "code ran twice. corral schedules %s:%s. To import the file once: start the server with "
+        "the module's name (uvicorn %s:app), pass it the app object (uvicorn.run(app)), or move "
+        "the tasks to a module of their own",
+        task_id,
+        script,
+        qualname,
+        module,
+        qualname,
+        path,
+        script,
+        module,
+        module,
+        module,
+        qualname,
+        module,
+    )
+    return True
+
+
+def _module_of(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__module__", ""))
+
+
+def _source_file(fn: Callable[..., Any]) -> str | None:
+    code = getattr(fn, "__code__", None)
+    path = getattr(code, "co_filename", None) or getattr(
+        sys.modules.get(_module_of(fn)), "__file__", None
+    )
+    return os.path.realpath(path) if isinstance(path, str) else None
 
 
 def unregister(task_id: str) -> None:
@@ -279,11 +349,27 @@ def build_trigger(
     args = _canonical_args(trigger, trigger_args, label)
     if trigger == "interval":
         _check_interval(args, label)
+    if isinstance(args.get("timezone"), str):
+        check_timezone(args["timezone"], f"task {label!r}: ")
     args.setdefault("timezone", timezone)
     try:
         return cls(**args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, zoneinfo.ZoneInfoNotFoundError) as exc:
         raise ConfigurationError(f"task {label!r}: invalid {trigger} trigger: {exc}") from None
+
+
+def check_timezone(name: str, context: str = "") -> str:
+    """Refuse a time zone name that is not an IANA one, suggesting the closest."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        close = difflib.get_close_matches(name, sorted(zoneinfo.available_timezones()), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigurationError(
+            f"{context}unknown time zone {name!r}; {hint}use an IANA name such as 'UTC' or "
+            f"'Europe/Paris'"
+        ) from None
+    return name
 
 
 def _trigger_class(name: str) -> type[TriggerType]:

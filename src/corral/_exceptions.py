@@ -122,3 +122,26 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\nTraceback in the worker process:\n{self.text}"
+
+
+class ReplicaLostError(JobError):
+    """The replica that claimed the run stopped renewing its lease before the run finished
+    (killed, stopped, or cut off from the database); the run's outcome is unknown."""
+
+    host: str
+    pid: int
+
+
+class DatabaseUnavailableError(CorralError):
+    """The run's fire could not be claimed because the database could not be reached; it was
+    not run (no replica could tell whether another ran it)."""
+
+    database: str
+
+
+class ClusterUnavailableError(JobError):
+    """The Dask cluster could not be reached when the run was to be sent (it was not run), or
+    the connection to it was lost while the run was in flight (whether it ran is unknown)."""
+
+    address: str
+    started: bool

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
+import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,15 +28,30 @@ from asyncz.executors.asyncio import AsyncIOExecutor as _AsynczAsyncIOExecutor
 from asyncz.executors.base import BaseExecutor, run_coroutine_task
 from asyncz.executors.pool import ThreadPoolExecutor as _AsynczThreadPoolExecutor
 
+from corral._asyncz_names import pool_options
 from corral._constants import DEFAULT
 from corral._decorator import task_options
-from corral._exceptions import CorralError, JobMissedError, RemoteTraceback
+from corral._drain import Drain
+from corral._exceptions import (
+    CorralError,
+    JobCancelledError,
+    JobMissedError,
+    PoolNotRunningError,
+    RemoteTraceback,
+)
 from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
+from corral._pool._supervisor import WAIT_WARNING, JobFuture
+
+_WAIT_WARNING_EVERY = 60.0  # seconds between two warnings of one task waiting for a worker
+BUSY_CLAIM_DELAY = 0.25
+"""Seconds a replica with no free worker waits before it claims a fire (with a database)."""
 
 if TYPE_CHECKING:
     from asyncz.tasks.types import TaskType
+
+    from corral._claims import Claims
 
 
 @dataclass(eq=False)
@@ -44,6 +62,9 @@ class _Run:
     task_id: str
     store: str
     run_times: list[datetime]
+    handed_at: datetime
+    """When the scheduler handed the run over: lateness is measured here, not at start."""
+    grace: float | None
     index: int = 0
     outcomes: list[TaskExecutionEvent] = field(default_factory=list)
 
@@ -54,11 +75,19 @@ class ProcessExecutor(BaseExecutor):
     Args:
         settings: Pool settings; keyword ``options`` (any :class:`PoolSettings` field, such as
             ``workers=4`` or ``timeout=60``) override its fields.
-        shutdown_timeout: Seconds running jobs may take to finish when the scheduler shuts down
-            with ``wait=True``; past it they are stopped. ``None`` waits for them.
+        shutdown_timeout: Seconds the runs already handed over may take to finish at shutdown;
+            past it they are stopped and reported cancelled. ``None``: as long as they take.
         task_timeouts: Per-task timeouts by task id (the ``@scheduler(timeout=...)`` of a task
             and the pool's ``timeout`` apply otherwise).
+
+    asyncz's ``ProcessPoolExecutor`` arguments are accepted too: ``max_workers`` (``workers``),
+    ``pool_kwargs`` (``mp_context``, ``initializer``, ``initargs``, ``max_tasks_per_child``:
+    ``start_method``, ``initializer``, ``initargs``, ``max_jobs_per_worker``),
+    ``overwrite_wait`` (replaces ``shutdown``'s ``wait``) and ``cancel_futures`` (``True``: runs
+    still waiting for a worker are cancelled at shutdown instead of run).
     """
+
+    cancel_futures = False
 
     def __init__(
         self,
@@ -69,6 +98,7 @@ class ProcessExecutor(BaseExecutor):
         **options: Any,
     ) -> None:
         super().__init__()
+        options, self.overwrite_wait, self.cancel_futures = pool_options(options)
         if settings is None:
             settings = PoolSettings(**options)
         elif options:
@@ -82,6 +112,10 @@ class ProcessExecutor(BaseExecutor):
         self._inbox: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._inbox_lock = threading.Lock()
         self._inbox_scheduled = False
+        self._drain = Drain()
+        self.claims: Claims | None = None
+        """Set (before start) when fires are claimed in a database shared by replicas."""
+        self._wait_warned: dict[str, float] = {}
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -90,36 +124,114 @@ class ProcessExecutor(BaseExecutor):
         self.pool = Pool(self.settings, name=f"corral-{alias}")
         self.pool.start()
 
-    def shutdown(self, wait: bool = True) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=wait, timeout=self.shutdown_timeout)
+    def shutdown(self, wait: bool = True, *, timeout: float | None = DEFAULT) -> None:
+        """Stop the pool once the runs already handed over are over, as asyncz promises.
 
-    async def aclose(self, timeout: float | None = None) -> None:
-        """Drain and stop the pool without blocking the event loop."""
+        Runs still waiting for a worker run, and a run goes on to its next run times. Past
+        ``timeout`` (default: ``shutdown_timeout``; ``None``: no limit) what is left is stopped
+        (SIGTERM, ``kill_grace``, SIGKILL) and each run time not run is reported as a
+        ``JobCancelledError``. The first shutdown sets that deadline; :meth:`kill_running`
+        stops everything at once.
+
+        Args:
+            wait: Return once they are over; ``False``: return at once while they finish.
+            timeout: Seconds they may take.
+        """
+        if self.overwrite_wait is not None:
+            wait = self.overwrite_wait
+        if self.pool is None:
+            return
+        self._begin_drain(timeout)
+        if wait:
+            self._stop_delivering_to_this_thread()
+            self._drain.finished.wait()
+
+    async def aclose(self, timeout: float | None = DEFAULT) -> None:
+        """``shutdown(wait=True)`` without blocking the event loop."""
         if self.pool is not None:
-            await self.pool.aclose(timeout=timeout)
+            self._begin_drain(timeout)
+            await self._drain.wait()
+
+    def kill_running(self) -> None:
+        """Stop every run now: running jobs are killed (SIGKILL) and the pool shuts down; each
+        run time not run to its end is reported as a ``JobCancelledError``. Returns at once."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+    def _begin_drain(self, timeout: float | None) -> None:
+        assert self.pool is not None
+        self._drain.begin(
+            self.pool,
+            self.shutdown_timeout if timeout is DEFAULT else timeout,
+            cancel_queued=self.cancel_futures,
+            hand_over=self._hand_over_stranded,
+        )
+
+    def _stop_delivering_to_this_thread(self) -> None:
+        """Called on the event loop's own thread, a blocking shutdown keeps that loop from
+        running: outcomes are then handled on the thread that reads them, as without a loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._loop:
+            self._loop = None
+            self._drain_inbox()  # what was handed to the loop before (later: ``Drain`` looks)
+
+    def _hand_over_stranded(self) -> None:
+        """Handle outcomes that wait for an event loop that no longer runs."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self._drain_inbox()
 
     def statistics(self) -> PoolStatistics | None:
         return None if self.pool is None else self.pool.statistics()
 
     def send_task(self, task: TaskType, run_times: list[datetime]) -> None:
-        # The instance is taken before the first job is submitted, so an outcome that arrives at
-        # once (a run already too late to start) releases an instance that is really held.
+        """Run ``task`` once per run time, one after another, in the pool.
+
+        A run waits for a free worker as long as it takes: ``mistrigger_grace_time`` applies to
+        how late the scheduler hands it over, as in asyncz. With a database, each run time is
+        first claimed there, and only the fires this replica wins run here.
+        """
         task_id = task.id
         assert task_id is not None, "a task in decorator mode cannot run"
-        with self.lock:
-            if self.instances[task_id] >= task.max_instances:
-                raise MaximumInstancesError(task_id, task.max_instances)
-            self.instances[task_id] += 1
-            try:
-                self.do_send_task(task, run_times)
-            except BaseException:
-                self._release(task_id)
-                raise
+        if not run_times:
+            return
+        if self.claims is not None:
+            # The claim counts runs in progress on every replica; the instance is taken here
+            # when the fires come back won. A replica with no free worker claims a little
+            # later, so that a replica with one wins the fire and runs it at once.
+            pool = self.pool
+            if pool is not None and not pool.has_idle_worker() and self._loop is not None:
+                self._loop.call_later(BUSY_CLAIM_DELAY, self.claims.claim, self, task, run_times)
+            else:
+                self.claims.claim(self, task, list(run_times))
+            return
+        self._start_run(task, list(run_times), grace=task.mistrigger_grace_time)
 
     def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
-        assert task.id is not None, "a task in decorator mode cannot run"
-        self._submit_next(_Run(task, task.id, str(task.store_alias), list(run_times)))
+        self.send_task(task, run_times)
+
+    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
+        """Run fires this replica claimed (a rerun of a lost run ignores the grace time)."""
+        self._start_run(task, run_times, grace=None if rerun else task.mistrigger_grace_time)
+
+    def _start_run(self, task: TaskType, run_times: list[datetime], grace: float | None) -> None:
+        # The instance is taken before the first job is submitted, so an outcome that arrives at
+        # once releases an instance that is really held.
+        task_id = str(task.id)
+        with self.lock:
+            if self.claims is None and self.instances[task_id] >= task.max_instances:
+                raise MaximumInstancesError(task_id, task.max_instances)
+            self.instances[task_id] += 1
+            self._drain.run_started()
+        run = _Run(task, task_id, str(task.store_alias), run_times, _now(), grace)
+        try:
+            self._submit_next(run)
+        except BaseException:
+            self._release(task_id)
+            raise
 
     # -- one run time after another -------------------------------------------------------------
 
@@ -129,9 +241,9 @@ class ProcessExecutor(BaseExecutor):
         assert pool is not None, "the executor has not been started"
         task = run.task
         run_time = run.run_times[run.index]
-        start_within = _start_within(task.mistrigger_grace_time, run_time)
-        if start_within is not None and start_within <= 0:
-            self._finish_one(run, _missed_event(run, run_time))
+        if run.grace is not None and (run.handed_at - run_time).total_seconds() > run.grace:
+            # Reported after asyncz's TASK_SUBMITTED for this run, as asyncz does.
+            self._deliver(self._finish_one, run, _missed_event(run, run_time))
             return
         try:
             future = pool.submit(
@@ -139,16 +251,27 @@ class ProcessExecutor(BaseExecutor):
                 *task.args,
                 kwargs=task.kwargs,
                 timeout=self._timeout_of(task),
-                start_within=start_within,
                 label=run.task_id,
             )
         except CorralError as exc:  # a full queue, a pool shutting down: this run's outcome
-            self._finish_one(run, _error_event(run, run_time, exc))
+            self._deliver(self._finish_one, run, _error_event(run, run_time, exc))
             return
+        future.on_start = functools.partial(self._on_start, run, run_time)
+        if future.worker_pid is not None:  # it started before on_start was set
+            self._on_start(run, run_time, future)
         future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
+
+    def _on_start(self, run: _Run, run_time: datetime, future: JobFuture) -> None:
+        """A worker started the run (called on any thread; once, whoever sees it first)."""
+        if future.__dict__.setdefault("corral_start_seen", run) is not run:
+            return
+        if self.claims is not None:
+            self.claims.started(run.task_id, run_time, future.worker_pid, time.time())
+        self._deliver(log_running, self._log, run.task, run_time, future)
 
     def _on_outcome(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
         run_time = run.run_times[run.index]
+        self._note_start(run, run_time, future)
         error = future.exception()
         if error is None:
             event = TaskExecutionEvent(
@@ -158,12 +281,32 @@ class ProcessExecutor(BaseExecutor):
                 scheduled_run_time=run_time,
                 return_value=future.result(),
             )
-            self._log.debug("Task %r (run at %s) executed in a worker", run.task_id, run_time)
+            log_executed(self._log, run.task, run_time, future)
         elif isinstance(error, JobMissedError):
             event = _missed_event(run, run_time)
         else:
             event = _error_event(run, run_time, error)
         self._finish_one(run, event)
+
+    def _note_start(
+        self, run: _Run, run_time: datetime, future: concurrent.futures.Future[Any]
+    ) -> None:
+        """Where and when the run started; a WARNING (once a minute per task) if it waited."""
+        wait = getattr(future, "queue_wait", None)
+        if wait is None or wait <= WAIT_WARNING:
+            return
+        now = time.monotonic()
+        if now - self._wait_warned.get(run.task_id, -_WAIT_WARNING_EVERY) < _WAIT_WARNING_EVERY:
+            return
+        self._wait_warned[run.task_id] = now
+        self._log.warning(
+            "Task %r waited %.1f s for a free worker (all %d were busy or starting); "
+            "raise workers= or spread the tasks' schedules (warned at most once a minute "
+            "per task; pool statistics count every wait: 'waited')",
+            run.task_id,
+            wait,
+            self.settings.workers,
+        )
 
     def _finish_one(self, run: _Run, event: TaskExecutionEvent) -> None:
         if event.code == TASK_MISSED:
@@ -192,6 +335,7 @@ class ProcessExecutor(BaseExecutor):
             self.instances[task_id] -= 1
             if self.instances[task_id] <= 0:
                 del self.instances[task_id]
+        self._drain.run_ended()
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` on the scheduler's event loop, or here if it has none running.
@@ -229,7 +373,31 @@ class ProcessExecutor(BaseExecutor):
         return self.settings.timeout
 
 
-class ThreadExecutor(_AsynczThreadPoolExecutor):
+class _ClaimsFirst:
+    """For asyncz's own executors: with a database, claim each fire before running it."""
+
+    claims: Claims | None = None
+
+    def send_task(self, task: TaskType, run_times: list[datetime]) -> None:
+        if not run_times:
+            return
+        if self.claims is None:
+            super().send_task(task, run_times)  # type: ignore[misc]
+            return
+        self.claims.claim(self, task, list(run_times))
+
+    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
+        if rerun:
+            task = copy.copy(task)
+            task.mistrigger_grace_time = None
+        try:
+            super().send_task(task, run_times)  # type: ignore[misc]
+        except MaximumInstancesError as exc:
+            assert self.claims is not None
+            self.claims.skip(task, run_times, exc)
+
+
+class ThreadExecutor(_ClaimsFirst, _AsynczThreadPoolExecutor):
     """asyncz's thread pool executor, with ``async def`` tasks awaited in the worker thread.
 
     (asyncz's own reports an ``async def`` task as executed without running its body.)
@@ -259,15 +427,46 @@ def _run_coroutine_task_in_thread(
     return asyncio.run(run_coroutine_task(task, store, run_times, logger))
 
 
-class AsyncIOExecutor(_AsynczAsyncIOExecutor):
+class AsyncIOExecutor(_ClaimsFirst, _AsynczAsyncIOExecutor):
     """asyncz's asyncio executor: ``async def`` tasks run on the app's event loop."""
 
 
-def _start_within(grace: float | None, run_time: datetime) -> float | None:
-    if grace is None:
-        return None
-    late = (datetime.now(UTC) - run_time).total_seconds()
-    return grace - late
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def log_running(
+    logger: logging.Logger,
+    task: TaskType,
+    run_time: datetime,
+    future: concurrent.futures.Future[Any],
+) -> None:
+    """asyncz's "Running task" line, at INFO, once a worker started the run, with its pid."""
+    pid = getattr(future, "worker_pid", None)
+    logger.info(
+        'Running task "%s" (scheduled at %s) in worker %s',
+        task,
+        run_time,
+        pid,
+        extra={"corral_worker_pid": pid, "corral_job_label": task.id},
+    )
+
+
+def log_executed(
+    logger: logging.Logger,
+    task: TaskType,
+    run_time: datetime,
+    future: concurrent.futures.Future[Any],
+) -> None:
+    """asyncz's "executed successfully" line, at INFO, with the pid of the worker that ran it."""
+    pid = getattr(future, "worker_pid", None)
+    logger.info(
+        "Task '%s' (scheduled at %s) executed successfully in worker %s",
+        task,
+        run_time,
+        pid,
+        extra={"corral_worker_pid": pid, "corral_job_label": task.id},
+    )
 
 
 def _missed_event(run: _Run, run_time: datetime) -> TaskExecutionEvent:
@@ -277,12 +476,26 @@ def _missed_event(run: _Run, run_time: datetime) -> TaskExecutionEvent:
 
 
 def _error_event(run: _Run, run_time: datetime, error: BaseException) -> TaskExecutionEvent:
+    if isinstance(error, PoolNotRunningError):  # the executor stopped its pool before this one
+        error = JobCancelledError(
+            f"run time {run_time} of task {run.task_id!r} was cancelled at shutdown before it "
+            f"started: the executor had stopped its pool (shutdown_timeout passed, or "
+            f"kill_running()); allow a longer shutdown_timeout to let it run",
+            job_id=None,
+            started=False,
+        )
+    return _error_event_for(run.task, run_time, error)
+
+
+def _error_event_for(
+    task: TaskType, run_time: datetime, error: BaseException
+) -> TaskExecutionEvent:
     cause = error.__cause__
     text = cause.text if isinstance(cause, RemoteTraceback) else ""
     return TaskExecutionEvent(
         code=TASK_ERROR,
-        task_id=run.task_id,
-        store=run.store,
+        task_id=str(task.id),
+        store=str(task.store_alias),
         scheduled_run_time=run_time,
         exception=error if isinstance(error, Exception) else RuntimeError(repr(error)),
         traceback=text,

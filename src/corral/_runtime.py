@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from asyncz.executors.types import ExecutorType
@@ -27,8 +27,15 @@ from corral._constants import DEFAULT, ExecutorKind
 from corral._decorator import TaskSpec, make_spec, registered_tasks
 from corral._exceptions import ConfigurationError, NotImportableError
 from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
+from corral._hints import warn_about_tasks, warn_disabled
 from corral._pool._refs import reference_of
 from corral._pool._stats import PoolStatistics
+from corral._replicas import anchored, multi_worker_server
+from corral._signals import signals_call
+
+if TYPE_CHECKING:
+    from corral._claims import Claims
+    from corral._ledger import LedgerStatistics, LostRun
 
 logger = logging.getLogger("corral.scheduler")
 
@@ -61,6 +68,11 @@ class Scheduler:
         self._added: list[TaskSpec] = []
         self.asyncz: NativeAsyncIOScheduler | None = None
         self._process_executor: ProcessExecutor | None = None
+        self._claims: Claims | None = None
+        self._rerun_lost: dict[str, bool] = {}
+        self.replica_id: str | None = None
+        self._final_ledger_statistics: LedgerStatistics | None = None
+        """This process's id in the ledger (with a database, once started)."""
 
     # -- declaring tasks ------------------------------------------------------------------------
 
@@ -74,9 +86,17 @@ class Scheduler:
     ) -> str:
         """Add a task, with the same arguments as ``@scheduler``; returns its id.
 
-        Works before and after :meth:`start`.
+        Works before and after :meth:`start`. A method of a module-level instance is sent to
+        workers as a reference to that instance (``module:instance.method``).
+
+        Raises:
+            ConfigurationError: an invalid declaration, or (for the process executor) a
+                function that a worker process cannot find by reference.
         """
         spec = make_spec(fn, trigger=trigger, name=name, **options)
+        if self._kind(spec) == "process":
+            _check_specs([spec])  # what a worker cannot find is refused here, not at each run
+        self._rerun_lost[spec.id] = spec.rerun_lost
         if self.asyncz is not None:
             self._schedule(spec)
         else:
@@ -92,7 +112,7 @@ class Scheduler:
     async def start(self) -> None:
         """Start scheduling; with ``enabled=False``, do nothing (no process is started)."""
         if not self.config.enabled:
-            logger.info("corral scheduler is disabled (enabled=False); not starting")
+            warn_disabled(self.config)
             return
         if self.asyncz is not None:
             return
@@ -104,6 +124,7 @@ class Scheduler:
                     f"modules: cannot import {module!r}: {exc}; check the module name and sys.path"
                 ) from exc
         specs = self._specs()
+        warn_about_tasks(specs)
         _check_specs([spec for spec in specs if self._kind(spec) == "process"])
         kinds = {self._kind(spec) for spec in specs} | {self.config.executor}
         executors = {self._alias(kind): self._make_executor(kind, specs) for kind in kinds}
@@ -112,6 +133,11 @@ class Scheduler:
             timezone=cfg.timezone,
             executors=executors,
         )
+        _warn_about_capacity(specs, cfg, self._kind)
+        if cfg.database is not None:
+            await self._join_ledger(specs)
+        else:
+            _warn_without_database()
         for spec in specs:
             self._schedule(spec)
         await self.asyncz.start()
@@ -123,11 +149,17 @@ class Scheduler:
         )
 
     async def shutdown(self, wait: bool = True, timeout: float | None = DEFAULT) -> None:
-        """Stop scheduling; let running jobs finish, or kill them now (``wait=False``).
+        """Stop scheduling; the runs already started finish first, as asyncz promises.
+
+        Runs still waiting for a worker run too, and so do the further run times of a run.
+        Past ``timeout`` what is left is stopped (SIGTERM, ``kill_grace``, SIGKILL) and reported
+        as ``JobCancelledError``. :meth:`kill_running` stops them at once.
 
         Args:
-            wait: Let running jobs finish, up to ``timeout``.
-            timeout: Seconds to wait; default: the config's ``shutdown_timeout``.
+            wait: Return once they are over; ``False``: return at once while they finish (and
+                report) in the background.
+            timeout: Seconds they may take; default: the config's ``shutdown_timeout``;
+                ``None``: as long as they take.
         """
         if timeout is DEFAULT:
             timeout = self.config.shutdown_timeout
@@ -139,15 +171,36 @@ class Scheduler:
             if wait:
                 await self._process_executor.aclose(timeout)
             else:
-                self._process_executor.shutdown(wait=False)
+                self._process_executor.shutdown(wait=False, timeout=timeout)
         await scheduler_.shutdown(wait=False)
         await asyncio.sleep(0)  # let events queued from the pool's thread reach listeners
+        await self._leave_ledger()
         logger.info("corral scheduler stopped")
 
     def kill_running(self) -> None:
-        """Stop running jobs now (a second Ctrl-C); a shutdown in progress then completes."""
+        """Stop running jobs now (a second Ctrl-C); a shutdown in progress then completes.
+
+        Running jobs are killed (SIGKILL), and every run time not run to its end is reported as
+        ``JobCancelledError``; the worker pool shuts down, so later runs are cancelled too.
+        """
         if self._process_executor is not None:
-            self._process_executor.shutdown(wait=False)
+            self._process_executor.kill_running()
+
+    async def _shutdown_for_server(self) -> None:
+        """:meth:`shutdown`, during which SIGINT or SIGTERM (a server's second: the first
+        started the shutdown) calls :meth:`kill_running`."""
+        with signals_call(self.kill_running) as watching:
+            stats = self.statistics() if self.running else None
+            busy = 0 if stats is None else stats.running + stats.queued
+            if watching and busy:
+                limit = self.config.shutdown_timeout
+                logger.warning(
+                    "corral: letting %d task run(s) finish (%s); "
+                    "send SIGINT (Ctrl-C) or SIGTERM again to stop them now",
+                    busy,
+                    "no time limit" if limit is None else f"shutdown_timeout={limit:g} s",
+                )
+            await self.shutdown()
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -166,9 +219,15 @@ class Scheduler:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         handled = []
+
+        def on_signal() -> None:  # the first stops scheduling; another stops running jobs too
+            if stop.is_set():
+                self.kill_running()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
                 handled.append(sig)
         try:
             async with self:
@@ -181,8 +240,11 @@ class Scheduler:
     def lifespan(self) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
         """An ASGI lifespan: the scheduler runs while the app does.
 
-        ``lifespan=scheduler.lifespan`` for Starlette, FastAPI, Lilya or Ravyn. (A plain
-        function, not a method: some frameworks call methods to build their lifespan.)
+        ``lifespan=scheduler.lifespan`` for Starlette, FastAPI, Lilya or Ravyn;
+        ``lifespan=[scheduler.lifespan]`` for Litestar, which takes a list. (A plain function,
+        not a method: some frameworks call methods to build their lifespan.) At
+        shutdown, running tasks finish first; while they do, SIGINT or SIGTERM (the server's
+        second signal) stops them at once.
         """
 
         @contextlib.asynccontextmanager
@@ -191,7 +253,7 @@ class Scheduler:
             try:
                 yield
             finally:
-                await self.shutdown()
+                await self._shutdown_for_server()
 
         return lifespan
 
@@ -214,6 +276,43 @@ class Scheduler:
         """The scheduled asyncz tasks (with their next run times)."""
         return [] if self.asyncz is None else list(self.asyncz.get_tasks())
 
+    # -- the ledger, with a database -------------------------------------------------------------
+
+    async def _join_ledger(self, specs: list[TaskSpec]) -> None:
+        from corral._claims import OUTCOME_EVENTS, Claims
+        from corral._ledger import Coordinator, Ledger
+
+        cfg = self.config
+        assert self.asyncz is not None and cfg.database is not None
+        self._rerun_lost.update({spec.id: spec.rerun_lost for spec in specs})
+        ledger = Ledger(cfg.database, lease=cfg.replica_lease)
+        coordinator = Coordinator(ledger, on_lost=_no_lost_runs, retention=cfg.ledger_retention)
+        claims = Claims(
+            coordinator,
+            self.asyncz,
+            asyncio.get_running_loop(),
+            lambda task_id: self._rerun_lost.get(task_id, False),
+        )
+        await anyio.to_thread.run_sync(coordinator.start)
+        self.asyncz.add_listener(claims.on_event, OUTCOME_EVENTS)
+        self._claims = claims
+        self.replica_id = ledger.replica
+        for executor in self.asyncz.executors.values():
+            executor.claims = claims  # type: ignore[attr-defined]
+
+    async def _leave_ledger(self) -> None:
+        claims, self._claims = self._claims, None
+        if claims is not None:
+            await anyio.to_thread.run_sync(claims.coordinator.stop)
+            self._final_ledger_statistics = claims.coordinator.statistics()
+
+    def ledger_statistics(self) -> LedgerStatistics | None:
+        """What the ledger did for this process (claims won, taken by other replicas, ...);
+        after shutdown its final counters; ``None`` without a database."""
+        if self._claims is None:
+            return self._final_ledger_statistics
+        return self._claims.coordinator.statistics()
+
     # -- building -------------------------------------------------------------------------------
 
     def _specs(self) -> list[TaskSpec]:
@@ -235,10 +334,15 @@ class Scheduler:
             preload = tuple(sorted(set(self.config.preload) | modules))
             settings = self.config.pool_settings().model_copy(update={"preload": preload})
             self._process_executor = ProcessExecutor(settings)
+            self._process_executor.claims = self._claims
             return self._process_executor
+        executor: ThreadExecutor | AsyncIOExecutor
         if kind == "thread":
-            return ThreadExecutor(max_workers=self.config.workers)
-        return AsyncIOExecutor()
+            executor = ThreadExecutor(max_workers=self.config.workers)
+        else:
+            executor = AsyncIOExecutor()
+        executor.claims = self._claims
+        return executor
 
     def _schedule(self, spec: TaskSpec) -> None:
         assert self.asyncz is not None
@@ -254,9 +358,12 @@ class Scheduler:
             key: getattr(self.config, key) if getattr(spec, key) is DEFAULT else getattr(spec, key)
             for key in ("max_instances", "coalesce", "mistrigger_grace_time")
         }
+        trigger = spec.build_trigger(self.config.timezone)
+        if self.config.database is not None:
+            trigger = anchored(trigger, spec.id, explicit_start=_has_start(spec))
         self.asyncz.add_task(
             spec.fn,
-            trigger=spec.build_trigger(self.config.timezone),
+            trigger=trigger,
             args=spec.args,
             kwargs=dict(spec.kwargs),
             id=spec.id,
@@ -267,6 +374,43 @@ class Scheduler:
         )
 
 
+def _no_lost_runs(lost: list[LostRun]) -> None:  # replaced by Claims
+    pass
+
+
+def _has_start(spec: TaskSpec) -> bool:
+    return isinstance(spec.trigger, str) and bool(
+        {"start_at", "start_date"} & set(spec.trigger_args)
+    )
+
+
+def _warn_about_capacity(
+    specs: list[TaskSpec], config: SchedulerConfig, kind: Callable[[TaskSpec], ExecutorKind]
+) -> None:
+    for spec in specs:
+        limit = config.max_instances if spec.max_instances is DEFAULT else spec.max_instances
+        if kind(spec) == "process" and limit > config.workers:
+            logger.warning(
+                "Task %r: max_instances=%d exceeds workers=%d: at most %d of its runs can run at "
+                "once, the others wait for a worker; raise workers or lower max_instances",
+                spec.id,
+                limit,
+                config.workers,
+                config.workers,
+            )
+
+
+def _warn_without_database() -> None:
+    server = multi_worker_server()
+    if server is not None:
+        logger.warning(
+            "corral runs under %s without a database: every worker process runs every task, "
+            "so each fire runs once per process. Fix: SchedulerConfig(database="
+            "'sqlite:///path/to/corral.db') (or CORRAL_DATABASE=...), shared by all of them",
+            server,
+        )
+
+
 def _check_specs(specs: list[TaskSpec]) -> None:
     """Every process task's function must be importable by reference, now that modules loaded."""
     problems = []
@@ -274,6 +418,6 @@ def _check_specs(specs: list[TaskSpec]) -> None:
         try:
             reference_of(spec.fn)
         except NotImportableError as exc:
-            problems.append(f"task {spec.id!r}: {exc}")
+            problems.append(f"task {spec.id!r}: {exc} (or choose executor='thread' or 'asyncio')")
     if problems:
         raise ConfigurationError("; ".join(problems))

@@ -140,6 +140,10 @@ class Coordinator:
         """Claim fires on the thread; ``done(results, error)`` is called there."""
         self._queue.put((self._claim, (task, list(scheduled), max_instances, attempt), done))
 
+    def started(self, run_id: int, worker_pid: int | None, started_at: float) -> None:
+        """Record where and when a run started (never blocks: queued for the thread)."""
+        self._queue.put((self.ledger.start, (run_id, worker_pid, started_at), None))
+
     def finish(
         self,
         run_id: int,

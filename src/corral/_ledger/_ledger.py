@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, and_, delete, func, select, update
+from sqlalchemy import Engine, Row, and_, bindparam, delete, func, select, update
 
 from corral._ledger._records import (
     Claim,
@@ -54,6 +54,16 @@ from corral._ledger._schema import (
 )
 
 DEFAULT_LEASE = 10.0
+
+# Built once: statements with bound parameters are compiled once and cached by SQLAlchemy.
+_RENEW = (
+    update(replicas)
+    .where(replicas.c.id == bindparam("replica"))
+    .values(renewed_at=bindparam("now"), lease_until=bindparam("until"))
+)
+_IN_PROGRESS = select(func.count(func.distinct(runs.c.batch))).where(
+    and_(runs.c.task == bindparam("task"), runs.c.status == "claimed")
+)
 
 
 class Ledger:
@@ -110,9 +120,7 @@ class Ledger:
 
     def _touch(self, connection: Any, now: float) -> bool:
         renewed = connection.execute(
-            update(replicas)
-            .where(replicas.c.id == self.replica)
-            .values(renewed_at=now, lease_until=now + self.lease)
+            _RENEW, {"replica": self.replica, "now": now, "until": now + self.lease}
         ).rowcount
         if not renewed:
             connection.execute(
@@ -163,11 +171,7 @@ class Ledger:
         with self._transaction(lock=f"corral:task:{task}") as connection:
             # A replica claims only while registered: a run is never left without a lease.
             self._touch(connection, now)
-            in_progress = connection.execute(
-                select(func.count(func.distinct(runs.c.batch))).where(
-                    and_(runs.c.task == task, runs.c.status == "claimed")
-                )
-            ).scalar_one()
+            in_progress = connection.execute(_IN_PROGRESS, {"task": task}).scalar_one()
             full = in_progress >= max_instances
             for moment in scheduled:
                 values = {
@@ -195,13 +199,16 @@ class Ledger:
                 results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id))
         return results
 
-    def start(self, run_id: int, worker_pid: int | None = None) -> None:
+    def start(
+        self, run_id: int, worker_pid: int | None = None, started_at: float | None = None
+    ) -> None:
         """Record that a claimed run started (in a worker, when ``worker_pid`` is known)."""
+        started_at = self._clock() if started_at is None else started_at
         with self._transaction() as connection:
             connection.execute(
                 update(runs)
-                .where(runs.c.id == run_id)
-                .values(started_at=self._clock(), worker_pid=worker_pid)
+                .where(and_(runs.c.id == run_id, runs.c.status == "claimed"))
+                .values(started_at=started_at, worker_pid=worker_pid)
             )
 
     def finish(
@@ -358,13 +365,7 @@ class Ledger:
         """How many instances (batches) of ``task`` are in progress across replicas."""
         with self.engine.connect() as connection:
             self.queries += 1
-            return int(
-                connection.execute(
-                    select(func.count(func.distinct(runs.c.batch))).where(
-                        and_(runs.c.task == task, runs.c.status == "claimed")
-                    )
-                ).scalar_one()
-            )
+            return int(connection.execute(_IN_PROGRESS, {"task": task}).scalar_one())
 
     # -- helpers --------------------------------------------------------------------------------
 

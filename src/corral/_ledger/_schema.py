@@ -8,6 +8,7 @@ wins. ``corral_replicas`` has one row per live replica and its lease.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -167,8 +169,11 @@ def transaction(engine: Engine, lock: str | None = None) -> Iterator[Connection]
     """
     with engine.begin() as connection:
         if lock is not None and connection.dialect.name == "postgresql":
-            connection.execute(select(func.pg_advisory_xact_lock(func.hashtext(lock))))
+            connection.execute(_ADVISORY_LOCK, {"name": lock})
         yield connection
+
+
+_ADVISORY_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("name"))))
 
 
 def create_tables(engine: Engine) -> None:
@@ -182,10 +187,14 @@ def insert_ignoring_conflicts(
 ) -> int | None:
     """Insert one row unless it conflicts with the table's unique key: the new row's id, or
     ``None`` if another row holds the key."""
-    if connection.dialect.name == "postgresql":
+    row = connection.execute(_insert_statement(connection.dialect.name, table), values).first()
+    return None if row is None else int(row[0])
+
+
+@functools.cache
+def _insert_statement(dialect: str, table: Table) -> Any:
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
-    row = connection.execute(statement).first()
-    return None if row is None else int(row[0])
+    return insert(table).on_conflict_do_nothing().returning(table.c.id)

@@ -225,6 +225,12 @@ class Pool:
                 supervisor.kill_job(future.job_id)
             raise
 
+    def has_idle_worker(self) -> bool:
+        """Whether a worker is free now and nothing waits for one (a hint: it may change at
+        once; no lock is taken)."""
+        supervisor = self._supervisor
+        return supervisor is not None and supervisor.has_idle_worker()
+
     def statistics(self) -> PoolStatistics:
         """A snapshot of the workers and the counters."""
         if self._supervisor is None:

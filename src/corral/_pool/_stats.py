@@ -46,6 +46,8 @@ class PoolStatistics:
     start_failures: int
     queued: int
     running: int
+    waited: int = 0
+    """Jobs that waited more than a second for a worker (the pool was busy or starting)."""
 
     @property
     def finished(self) -> int:

@@ -91,6 +91,7 @@ _WATCH_INTERVAL = 0.1  # how often a worker checks its parent, and reads while a
 _BATCH_JOBS = 64  # at most this many jobs wait in one worker
 _BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
 _BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
+WAIT_WARNING = 1.0  # seconds a job may wait for a worker before it counts as waiting long
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 
 
@@ -106,6 +107,10 @@ class JobFuture(Future[Any]):
         super().__init__()
         self.job_id = job_id
         self.label = label
+        self.worker_pid: int | None = None  # the worker that started it, once one did
+        self.queue_wait: float | None = None  # seconds from submit until a worker started it
+        # Called once a worker starts the job, on whichever thread starts it: must not block.
+        self.on_start: Callable[[JobFuture], None] | None = None
         self._pickup: tuple[Supervisor, Job] | None = None  # set when submit wrote the job itself
 
     def result(self, timeout: float | None = None) -> Any:
@@ -189,6 +194,7 @@ class _Counters:
     restarts: int = 0
     start_failures: int = 0
     queued: int = 0
+    waited: int = 0  # jobs that waited longer than WAIT_WARNING for a worker
 
 
 _KIND_OF_ERROR: dict[type[BaseException], str] = {
@@ -282,6 +288,10 @@ class Supervisor:
                 return
             self.incoming.append(job)
             self._wake()
+
+    def has_idle_worker(self) -> bool:
+        """A worker is idle and nothing is queued (read without the lock: a hint)."""
+        return bool(self._idle) and not self.incoming and not self._queue
 
     def _send_now(self, job: Job) -> bool:
         """Write ``job`` to an idle worker from the submitting thread (lock held): the job starts
@@ -382,6 +392,7 @@ class Supervisor:
             recycled=c.recycled,
             restarts=c.restarts,
             start_failures=c.start_failures,
+            waited=c.waited,
             queued=c.queued + len(self.incoming) + self._waiting,
             running=sum(1 for w in workers if w.job_id is not None),
         )
@@ -649,11 +660,20 @@ class Supervisor:
         else:
             self._arm(worker, job, now)
 
-    @staticmethod
-    def _mark_head(worker: _Worker, job: Job) -> float:
+    def _mark_head(self, worker: _Worker, job: Job) -> float:
         worker.job_started = now = time.monotonic()
         worker.state = "busy"
         worker.job = job
+        future = job.future
+        future.worker_pid = worker.pid
+        future.queue_wait = wait = now - job.submitted_at
+        if wait > WAIT_WARNING:
+            self.counters.waited += 1
+        if future.on_start is not None:
+            try:
+                future.on_start(future)
+            except Exception:
+                logger.exception("on_start callback of job %d failed", job.id)
         return now
 
     def _arm(self, worker: _Worker, job: Job, started: float) -> None:

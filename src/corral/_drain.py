@@ -1,0 +1,139 @@
+"""How a :class:`ProcessExecutor` shuts down: asyncz's contract, bounded by a timeout.
+
+asyncz promises that ``shutdown()`` does not interrupt the runs already handed to an executor,
+and that ``shutdown(wait=True)`` returns once they are over. corral keeps that promise, up to
+``shutdown_timeout``:
+
+1. The pool goes on taking jobs while the executor's runs drain: runs still waiting for a worker
+   start when one frees up, and a run with several due run times goes on to the next.
+2. When none is left, or at the deadline, the pool shuts down. What still runs then is stopped
+   (SIGTERM, ``kill_grace``, SIGKILL); what waits is cancelled, and so are the run times a run
+   had not reached: each is reported as a ``JobCancelledError``.
+3. The drain is over once every run has reported its last outcome.
+
+With ``cancel_futures=True`` (asyncz's option), step 1 is left out: the pool shuts down at once,
+cancelling what waits for a worker and giving what runs until the deadline.
+
+A thread of its own does this, so that ``shutdown(wait=False)`` returns at once while the runs
+finish, ``aclose()`` waits without blocking the event loop, and ``shutdown(wait=True)`` blocks as
+asyncz's does. The first shutdown sets the deadline; ``kill_running()`` (the pool's
+``shutdown(wait=False)``) stops everything at any point, and the drain then ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+from corral._pool._pool import Pool
+
+_TICK = 0.1  # seconds between two looks for outcomes that no event loop will hand over
+
+
+class Drain:
+    """Counts an executor's runs in flight, and shuts its pool down once they are over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs = 0
+        self._thread: threading.Thread | None = None
+        self._wakers: list[Callable[[], None]] = []
+        self.finished = threading.Event()
+        """Set once the pool has shut down and every run has reported its last outcome."""
+
+    @property
+    def started(self) -> bool:
+        """Whether a shutdown has begun."""
+        return self._thread is not None
+
+    @property
+    def runs(self) -> int:
+        """Runs handed to the executor that have not reported their last outcome yet."""
+        return self._runs
+
+    def run_started(self) -> None:
+        with self._cond:
+            self._runs += 1
+
+    def run_ended(self) -> None:
+        with self._cond:
+            self._runs -= 1
+            if self._runs <= 0:
+                self._cond.notify_all()
+
+    def begin(
+        self,
+        pool: Pool,
+        timeout: float | None,
+        *,
+        cancel_queued: bool,
+        hand_over: Callable[[], None],
+    ) -> None:
+        """Start the drain, unless it has begun already (the first call sets the deadline).
+
+        Args:
+            pool: The executor's pool.
+            timeout: Seconds the runs may take; ``None``: as long as they take.
+            cancel_queued: Cancel what waits for a worker at once (``cancel_futures=True``).
+            hand_over: Delivers outcomes that wait for an event loop that no longer runs.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run,
+                args=(pool, deadline, cancel_queued, hand_over),
+                name=f"{pool.name}-shutdown",
+            )
+        self._thread.start()
+
+    async def wait(self) -> None:
+        """Wait for :attr:`finished` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(done.set)
+
+        with self._cond:
+            if self.finished.is_set():
+                return
+            self._wakers.append(wake)
+        await done.wait()
+
+    def _run(
+        self,
+        pool: Pool,
+        deadline: float | None,
+        cancel_queued: bool,
+        hand_over: Callable[[], None],
+    ) -> None:
+        try:
+            if not cancel_queued:
+                self._wait_for_runs(deadline, hand_over)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            pool.shutdown(wait=True, timeout=left)
+            self._wait_for_runs(None, hand_over)
+        finally:
+            with self._cond:
+                self.finished.set()
+                wakers, self._wakers = self._wakers, []
+            for wake in wakers:
+                wake()
+
+    def _wait_for_runs(self, deadline: float | None, hand_over: Callable[[], None]) -> None:
+        """Return when no run is left, or at ``deadline``."""
+        while True:
+            with self._cond:
+                if self._runs <= 0:
+                    return
+                wait = _TICK if deadline is None else min(_TICK, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                self._cond.wait(wait)
+            hand_over()

@@ -1,0 +1,204 @@
+"""Schedulers sharing a database, in one process: claims decide who runs a fire, events come
+from the winner only, run times agree, and the database going away is survivable."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED
+from asyncz.triggers import IntervalTrigger
+from sqlalchemy.engine import make_url
+
+import jobs
+from conftest import fresh_database
+from corral import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    Ledger,
+    Scheduler,
+    SchedulerConfig,
+)
+from corral._replicas import anchored, multi_worker_server
+from netproxy import Proxy
+from schedtools import Recorder
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def config(database: str, **options: object) -> SchedulerConfig:
+    return SchedulerConfig(enabled=True, workers=1, database=database, **options)  # type: ignore[arg-type]
+
+
+async def test_two_schedulers_run_each_fire_once_and_only_the_winner_reports_it(
+    database_url: str,
+) -> None:
+    first, second = Scheduler(config(database_url)), Scheduler(config(database_url))
+    for sched in (first, second):
+        sched.add_task(jobs.pid, trigger="interval", seconds=1, name="beat")
+    async with first, second:
+        recorders = [Recorder().attach(first), Recorder().attach(second)]
+        await recorders[0].wait(
+            lambda: sum(len(r.matching(TASK_EXECUTED, "beat")) for r in recorders) >= 6,
+            timeout=60,
+            what="six runs between them",
+        )
+    executed = [e for r in recorders for e in r.matching(TASK_EXECUTED, "beat")]
+    times = [e.scheduled_run_time for e in executed]
+    assert len(set(times)) == len(times)  # no fire reported (or run) twice
+    stats = [first.ledger_statistics(), second.ledger_statistics()]
+    assert all(s is not None for s in stats)
+    won = sum(s.claims_won for s in stats if s is not None)
+    assert won >= len(executed)
+    ledger = Ledger(database_url)
+    try:
+        recorded = {r.scheduled: r for r in ledger.runs(task="beat", limit=None)}
+    finally:
+        ledger.close()
+    for event in executed:
+        run = recorded[event.scheduled_run_time]
+        assert run.status == "executed"
+        assert run.worker_pid == event.return_value  # the worker that ran it, as recorded
+    assert {r.replica for r in recorded.values()} <= {first.replica_id, second.replica_id}
+
+
+async def test_the_database_going_away_stops_runs_reports_each_fire_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = make_url(fresh_database("postgresql", tmp_path))
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    caplog.set_level(logging.WARNING, logger="corral.ledger")
+    sched = Scheduler(config(through))
+    sched.add_task(jobs.pid, trigger="interval", seconds=1, name="beat")
+    try:
+        async with sched:
+            recorder = Recorder().attach(sched)
+            await recorder.count(TASK_EXECUTED, "beat", 1, timeout=60)
+            proxy.cut()
+            failed = await recorder.wait(
+                lambda: len(errors := recorder.matching(TASK_ERROR, "beat")) >= 3 and errors,
+                timeout=60,
+                what="three fires reported while the database is away",
+            )
+            ran_before = len(recorder.matching(TASK_EXECUTED, "beat"))
+            proxy.restore()
+            await recorder.count(TASK_EXECUTED, "beat", ran_before + 2, timeout=60)
+    finally:
+        proxy.close()
+    assert all(isinstance(e.exception, DatabaseUnavailableError) for e in failed)
+    failed_times = [e.scheduled_run_time for e in failed]
+    assert len(set(failed_times)) == len(failed_times)  # each fire reported once
+    ran_times = {e.scheduled_run_time for e in recorder.matching(TASK_EXECUTED, "beat")}
+    assert not ran_times & set(failed_times)  # a fire that could not be claimed did not run
+    assert "could not be claimed" in str(failed[0].exception)
+    warnings = [r for r in caplog.records if "cannot reach its database" in r.getMessage()]
+    assert len(warnings) == 1  # one WARNING for the outage, not one per fire
+    assert f":{proxy.port}/" in warnings[0].getMessage()  # it names the database
+
+
+def test_messages_never_show_the_database_password() -> None:
+    ledger = Ledger("postgresql://app:s3cret@db.example/app")
+    try:
+        assert "s3cret" not in repr(ledger)
+        assert "app:***@db.example" in repr(ledger)
+    finally:
+        ledger.close()
+
+
+def test_interval_run_times_are_the_same_in_every_process_whenever_it_started() -> None:
+    early = IntervalTrigger(seconds=7, timezone=UTC)
+    early.start_at -= timedelta(seconds=3)  # as if built three seconds earlier, elsewhere
+    late = IntervalTrigger(seconds=7, timezone=UTC)
+    now = datetime.now(UTC)
+    times = [
+        anchored(trigger, "t", explicit_start=False).get_next_trigger_time(UTC, None, now)
+        for trigger in (early, late)
+    ]
+    assert times[0] == times[1]
+    assert times[0] is not None and int(times[0].timestamp()) % 7 == 0
+    chosen = datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC)
+    kept = IntervalTrigger(seconds=7, start_at=chosen, timezone=UTC)
+    assert anchored(kept, "t", explicit_start=True) is kept
+    assert kept.start_at == chosen
+    future = IntervalTrigger(hours=1, start_at=now + timedelta(days=2), timezone=UTC)
+    assert anchored(future, "t", explicit_start=False) is future
+    assert future.start_at == now + timedelta(days=2)
+
+
+def test_jitter_is_refused_with_a_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"task 'j': jitter=5 .* remove jitter"):
+        anchored(IntervalTrigger(seconds=10, jitter=5), "j", explicit_start=False)
+
+
+async def test_a_scheduler_with_a_database_anchors_named_interval_tasks(tmp_path: Path) -> None:
+    sched = Scheduler(config(fresh_database("sqlite", tmp_path)))
+    sched.add_task(jobs.noop, trigger="interval", minutes=10, name="ten")
+    start = datetime(2026, 1, 1, 0, 3, tzinfo=UTC)
+    sched.add_task(jobs.noop, trigger="interval", minutes=10, name="at3", start_date=start)
+    async with sched:
+        tasks = {t.id: t.next_run_time for t in sched.tasks()}
+    assert tasks["ten"] is not None and tasks["ten"].minute % 10 == 0
+    assert tasks["ten"].second == 0
+    assert tasks["at3"] is not None and tasks["at3"].minute % 10 == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("mysql://db/x", "expected 'sqlite:///path/to/corral.db'"),
+        ("sqlite://", "in-memory SQLite database, which other processes cannot share"),
+        ("sqlite:////no/such/folder/c.db", "the folder '/no/such/folder' does not exist"),
+    ],
+)
+def test_a_database_corral_cannot_use_is_refused_clearly(value: str, expected: str) -> None:
+    with pytest.raises(ValueError, match="database=") as error:
+        SchedulerConfig(database=value)
+    assert expected in str(error.value)
+
+
+def test_the_database_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'corral.db'}"
+    monkeypatch.setenv("CORRAL_DATABASE", url)
+    monkeypatch.setenv("CORRAL_LEDGER_RETENTION", "P2D")
+    settings = SchedulerConfig()
+    assert settings.database == url
+    assert settings.ledger_retention == timedelta(days=2)
+
+
+@pytest.fixture
+def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+
+
+def test_several_server_workers_are_recognised(
+    no_server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert multi_worker_server() is None  # pytest's parent is no server
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert multi_worker_server() == "WEB_CONCURRENCY=4"
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    assert multi_worker_server() is None
+
+
+async def test_a_scheduler_without_a_database_under_several_workers_warns_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    sched = Scheduler(SchedulerConfig(enabled=True, workers=1))
+    sched.add_task(jobs.noop, trigger="interval", hours=1, name="hourly")
+    with caplog.at_level(logging.WARNING, logger="corral.scheduler"):
+        async with sched:
+            pass
+    [warning] = [r for r in caplog.records if "without a database" in r.getMessage()]
+    assert "WEB_CONCURRENCY=3" in warning.getMessage()
+    assert "database='sqlite:///path/to/corral.db'" in warning.getMessage()
