@@ -24,7 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MISSED
 from asyncz.executors import AsyncIOExecutor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -34,6 +34,9 @@ from bench_jobs import burn, burn_async, die, noop, started_at
 from report import combine, p99
 
 from corral import ProcessExecutor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 WORKERS = 2
 UTC = UTC
@@ -231,27 +234,45 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(series: dict[str, list[float]], path: str) -> None:
+def lag_figure(series: dict[str, list[float]]) -> Figure:
+    """The loop-lag plot: one line per executor, the legend under the axes (never on the data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, axis = plt.subplots(figsize=(8, 4.8), layout="constrained")
     for name, lags in series.items():
         # Each sample is taken when a 10 ms sleep returns: a blocked loop shows as one long gap.
         moments, now = [], 0.0
         for lag in lags:
             now += 0.01 + lag
             moments.append(now)
-        axis.plot(moments, [lag * 1000 for lag in lags], marker=".", markersize=3, label=name)
+        (line,) = axis.plot(
+            moments, [lag * 1000 for lag in lags], marker=".", markersize=3, label=name
+        )
+        if lags and max(lags) >= 1:
+            worst = max(range(len(lags)), key=lags.__getitem__)
+            axis.annotate(
+                f"{name}: loop blocked {lags[worst]:.1f} s",
+                (moments[worst], lags[worst] * 1000),
+                xytext=(-8, -4),
+                textcoords="offset points",
+                ha="right",
+                va="top",
+                color=line.get_color(),
+            )
     axis.set_yscale("symlog", linthresh=1)
     axis.set_xlabel("seconds since two CPU-bound sync and two CPU-bound async tasks were due")
     axis.set_ylabel("app event loop lag (ms)")
     axis.set_title("App loop lag while CPU-heavy tasks run, per executor")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    axis.grid(True, which="major", alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=2, frameon=False)
+    return figure
+
+
+def plot(series: dict[str, list[float]], path: str) -> None:
+    lag_figure(series).savefig(path, dpi=100)
 
 
 def main() -> None:

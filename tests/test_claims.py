@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED
+from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_SUBMITTED
 from asyncz.triggers import IntervalTrigger
 from sqlalchemy.engine import make_url
 
 import jobs
-from conftest import fresh_database
+from conftest import fresh_database, wait_until
 from corral import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -53,6 +53,14 @@ async def test_two_schedulers_run_each_fire_once_and_only_the_winner_reports_it(
     executed = [e for r in recorders for e in r.matching(TASK_EXECUTED, "beat")]
     times = [e.scheduled_run_time for e in executed]
     assert len(set(times)) == len(times)  # no fire reported (or run) twice
+    # The loser of a claim stays silent: even asyncz's TASK_SUBMITTED comes from the winner.
+    submitted = [
+        {t for e in r.matching(TASK_SUBMITTED, "beat") for t in e.scheduled_run_times}
+        for r in recorders
+    ]
+    assert not submitted[0] & submitted[1]
+    for recorder, handed in zip(recorders, submitted, strict=True):
+        assert {e.scheduled_run_time for e in recorder.matching(TASK_EXECUTED, "beat")} <= handed
     stats = [first.ledger_statistics(), second.ledger_statistics()]
     assert all(s is not None for s in stats)
     won = sum(s.claims_won for s in stats if s is not None)
@@ -202,3 +210,74 @@ async def test_a_scheduler_without_a_database_under_several_workers_warns_with_t
     [warning] = [r for r in caplog.records if "without a database" in r.getMessage()]
     assert "WEB_CONCURRENCY=3" in warning.getMessage()
     assert "database='sqlite:///path/to/corral.db'" in warning.getMessage()
+
+
+async def test_outcomes_finished_while_the_database_is_away_are_recorded_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    from corral._ledger import Claim, ClaimResult, Coordinator
+
+    url = make_url(fresh_database("postgresql", tmp_path))
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    coordinator = Coordinator(Ledger(through, lease=3), on_lost=lambda lost: None)
+    coordinator.start()
+    try:
+        claimed: list[list[ClaimResult] | None] = []
+        coordinator.claim(
+            "job", [datetime(2030, 1, 1, tzinfo=UTC)], 1, lambda r, e: claimed.append(r)
+        )
+        [[result]] = wait_until(lambda: claimed, timeout=30, what="the claim")
+        assert result.claim is Claim.WON
+        proxy.cut()
+        coordinator.finish(result.run_id, "executed", worker_pid=7, started_at=1.0)
+        wait_until(
+            lambda: coordinator.statistics().unrecorded_outcomes == 1,
+            timeout=30,
+            what="the outcome kept while the database is away",
+        )
+        assert not coordinator.statistics().available
+        proxy.restore()
+        wait_until(
+            lambda: coordinator.statistics().unrecorded_outcomes == 0,
+            timeout=30,
+            what="the outcome recorded once the database is back",
+        )
+    finally:
+        coordinator.stop()
+        proxy.close()
+    ledger = Ledger(fresh_url := url.render_as_string(hide_password=False))
+    try:
+        [run] = ledger.runs(task="job")
+    finally:
+        ledger.close()
+    assert (run.status, run.worker_pid) == ("executed", 7), fresh_url
+
+
+@pytest.mark.parametrize("executor", ["thread", "asyncio"])
+async def test_every_executor_claims_before_it_runs(executor: str, tmp_path: Path) -> None:
+    url = fresh_database("sqlite", tmp_path)
+    first, second = (Scheduler(config(url, executor=executor)) for _ in range(2))
+    for sched in (first, second):
+        sched.add_task(
+            jobs.async_add if executor == "asyncio" else jobs.add,
+            trigger="interval",
+            seconds=1,
+            name="sum",
+            args=(1, 2),
+        )
+    async with first, second:
+        recorders = [Recorder().attach(first), Recorder().attach(second)]
+        await recorders[0].wait(
+            lambda: sum(len(r.matching(TASK_EXECUTED, "sum")) for r in recorders) >= 4,
+            timeout=60,
+            what="four runs between them",
+        )
+    times = [e.scheduled_run_time for r in recorders for e in r.matching(TASK_EXECUTED, "sum")]
+    assert len(set(times)) == len(times)
+    ledger = Ledger(url)
+    try:
+        recorded = {r.scheduled: r.status for r in ledger.runs(task="sum", limit=None)}
+    finally:
+        ledger.close()
+    assert all(recorded[moment] == "executed" for moment in times)

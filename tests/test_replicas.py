@@ -299,3 +299,34 @@ def test_uvicorn_workers_without_a_database_are_warned_with_the_fix(tmp_path: Pa
     warning = "corral runs under uvicorn with 2 workers without a database"
     assert text.count(warning) == 2, text
     assert "SchedulerConfig(database='sqlite:///path/to/corral.db')" in text
+
+
+def test_gunicorn_workers_without_a_database_are_warned_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "out.txt").touch()
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker"),
+                *("-w", "2", "-b", "127.0.0.1:0", "replica_app:app"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path]),
+                "CORRAL_TEST_OUT": str(tmp_path / "out.txt"),
+                "CORRAL_TEST_TASKS": "tick",
+            },
+            cwd=tmp_path,
+        )
+    try:
+        text = wait_until(
+            lambda: (t := log_path.read_text()).count("corral runs under gunicorn") == 2 and t,
+            timeout=60,
+            what="both gunicorn workers warned",
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert "corral runs under gunicorn with 2 workers without a database" in text

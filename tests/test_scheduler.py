@@ -75,7 +75,7 @@ def test_config_has_the_documented_defaults() -> None:
         ({"workers": 0}, "workers"),
         ({"timeout": -1}, "timeout"),
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
-        ({"executor": "gpu"}, "executor.*'process', 'thread' or 'asyncio'"),
+        ({"executor": "gpu"}, "executor.*'process', 'thread', 'asyncio' or 'dask'"),
         ({"max_instances": 0}, "max_instances"),
         ({"enabeld": True}, "enabeld.*Extra inputs are not permitted"),
     ],

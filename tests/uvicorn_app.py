@@ -16,7 +16,9 @@ scheduler = Scheduler(
     SchedulerConfig(enabled=True, workers=1, mistrigger_grace_time=None, shutdown_timeout=120),
     tasks=[],
 )
-scheduler.add_task(shutdown_tasks.long_task, trigger="date", run_date=datetime.now(UTC), name="long")
+scheduler.add_task(
+    shutdown_tasks.long_task, trigger="date", run_date=datetime.now(UTC), name="long"
+)
 lifespan = scheduler.lifespan
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral._asyncz_names import register_alias
 from corral._exceptions import (
+    ClusterUnavailableError,
     ConfigurationError,
     CorralError,
     DatabaseUnavailableError,
@@ -30,10 +31,12 @@ if TYPE_CHECKING:
     __version__: str
     from corral._config import SchedulerConfig
     from corral._constants import DEFAULT
+    from corral._dask import DaskExecutor
     from corral._decorator import TaskSpec, registered_tasks, scheduler
     from corral._executor import AsyncIOExecutor, ProcessExecutor, ThreadExecutor
     from corral._ledger import Ledger, LedgerStatistics, ReplicaRecord, RunRecord
     from corral._pool._pool import Pool
+    from corral._pool._pool_executor import PoolExecutor
     from corral._pool._settings import PoolSettings
     from corral._pool._stats import PoolStatistics, WorkerStatistics
     from corral._pool._supervisor import JobFuture
@@ -42,8 +45,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT",
     "AsyncIOExecutor",
+    "ClusterUnavailableError",
     "ConfigurationError",
     "CorralError",
+    "DaskExecutor",
     "DatabaseUnavailableError",
     "JobCancelledError",
     "JobError",
@@ -55,6 +60,7 @@ __all__ = [
     "MemoryLimitError",
     "NotImportableError",
     "Pool",
+    "PoolExecutor",
     "PoolNotRunningError",
     "PoolSettings",
     "PoolStatistics",
@@ -85,6 +91,7 @@ register_alias()
 _LAZY = {
     "DEFAULT": "corral._constants",
     "Pool": "corral._pool._pool",
+    "PoolExecutor": "corral._pool._pool_executor",
     "PoolSettings": "corral._pool._settings",
     "PoolStatistics": "corral._pool._stats",
     "WorkerStatistics": "corral._pool._stats",
@@ -96,6 +103,7 @@ _LAZY = {
     "ProcessExecutor": "corral._executor",
     "ThreadExecutor": "corral._executor",
     "AsyncIOExecutor": "corral._executor",
+    "DaskExecutor": "corral._dask",
     "Scheduler": "corral._runtime",
     "Ledger": "corral._ledger",
     "LedgerStatistics": "corral._ledger",

@@ -23,7 +23,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncz.events import TaskExecutionEvent, TaskSubmissionEvent
-from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MAX_INSTANCES, TASK_MISSED
+from asyncz.events.constants import (
+    TASK_ERROR,
+    TASK_EXECUTED,
+    TASK_MAX_INSTANCES,
+    TASK_MISSED,
+    TASK_SUBMITTED,
+)
 
 from corral._exceptions import (
     DatabaseUnavailableError,
@@ -74,6 +80,9 @@ class Claims:
         self.loop = loop
         self.rerun_lost = rerun_lost
         self._open: dict[tuple[str, int], _OpenRun] = {}
+        # asyncz's TASK_SUBMITTED for fires being claimed, held until the claim is decided:
+        # dispatched when this replica won, dropped when another did.
+        self._held: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
         coordinator.on_lost = self._on_lost_thread
 
     # -- claiming -------------------------------------------------------------------------------
@@ -85,15 +94,35 @@ class Claims:
         run_times: list[datetime],
         *,
         attempt: int = 0,
+        delay: float = 0.0,
     ) -> None:
-        """Claim ``run_times`` of ``task``; run the fires won with ``executor.run_claimed``
-        (on the loop; the executor takes the task's instance then)."""
+        """Claim ``run_times`` of ``task`` (after ``delay`` seconds); run the fires won with
+        ``executor.run_claimed`` (on the loop; the executor takes the task's instance then)."""
         task_id = str(task.id)
+        run_times = list(run_times)
+        if attempt == 0:
+            self._held[_key(task_id, run_times)] = []
 
         def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
             self._call_soon(self._settle, executor, task, run_times, results, error, attempt)
 
-        self.coordinator.claim(task_id, run_times, task.max_instances, done, attempt=attempt)
+        def send() -> None:
+            self.coordinator.claim(task_id, run_times, task.max_instances, done, attempt=attempt)
+
+        if delay > 0:
+            self.loop.call_later(delay, send)
+        else:
+            send()
+
+    def hold(self, event: Any) -> bool:
+        """Keep asyncz's TASK_SUBMITTED of a fire being claimed until the claim is decided."""
+        if event.code != TASK_SUBMITTED or event.task_id is None:
+            return False
+        held = self._held.get(_key(str(event.task_id), list(event.scheduled_run_times)))
+        if held is None:
+            return False
+        held.append(event)
+        return True
 
     def _settle(
         self,
@@ -105,6 +134,11 @@ class Claims:
         attempt: int,
     ) -> None:
         task_id = str(task.id)
+        held = self._held.pop(_key(task_id, run_times), []) if attempt == 0 else []
+        won = [r for r in (results or ()) if r.claim is Claim.WON]
+        if results is None or won:
+            for event in held:  # handed over here: asyncz's order, submitted before the outcome
+                self.scheduler.dispatch_event(event)
         if results is None:
             self._report_unclaimed(task, run_times, error)
             return
@@ -125,7 +159,6 @@ class Claims:
                     source="scheduled",
                 )
             )
-        won = [r for r in results if r.claim is Claim.WON]
         if not won:
             return
         for result in won:
@@ -255,6 +288,10 @@ class Claims:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: nobody is left to tell
             logger.debug("corral ledger callback dropped: the event loop is closed")
+
+
+def _key(task_id: str, run_times: list[datetime]) -> tuple[str, tuple[int, ...]]:
+    return task_id, tuple(micros(moment) for moment in run_times)
 
 
 class _OpenRun:

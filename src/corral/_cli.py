@@ -64,8 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("corral")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description="Run scheduled tasks safely.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_ = commands.add_parser("run", help="run the tasks of a module until Ctrl-C or SIGTERM")
     check_ = commands.add_parser("check", help="validate the tasks of a module without running")
@@ -80,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $CORRAL_DATABASE)",
     )
     run_.add_argument("--executor", choices=EXECUTOR_KINDS, help="default executor of tasks")
+    run_.add_argument(
+        "--dask-address",
+        help="the Dask scheduler that --executor dask sends runs to, tcp://host:8786 (default: "
+        "$CORRAL_DASK_ADDRESS, else a local cluster of --workers processes)",
+    )
     run_.add_argument(
         "--duration", type=_positive_float, help="stop after this many seconds (default: never)"
     )
@@ -154,7 +166,7 @@ def _config(module: ModuleType, args: argparse.Namespace) -> SchedulerConfig:
     if base is not None:  # corral's fields only: a Ravyn-style config has more
         options = {k: v for k, v in base.model_dump().items() if k in SchedulerConfig.model_fields}
     options["enabled"] = True
-    for name in ("workers", "executor", "timezone", "database"):
+    for name in ("workers", "executor", "timezone", "database", "dask_address"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -215,7 +227,7 @@ def check(specs: list[TaskSpec], config: SchedulerConfig, count: int = 5) -> int
         kind = config.executor if spec.executor is DEFAULT else spec.executor
         try:
             spec.build_trigger(config.timezone)
-            if kind == "process":
+            if kind in ("process", "dask"):
                 in_workers[spec.id] = reference_of(spec.fn)
         except CorralError as exc:
             problems[spec.id] = str(exc)

@@ -39,8 +39,9 @@ class SchedulerConfig(PoolSettings):
     mistrigger_grace_time: Annotated[float, Field(gt=0)] | None = 1.0
     """Default for every task: seconds a run may start late; later, it is reported missed."""
     executor: ExecutorKind = "process"
-    """Where tasks run by default: ``"process"`` (the supervised pool), ``"thread"`` or
-    ``"asyncio"`` (the app's event loop). A task can choose its own."""
+    """Where tasks run by default: ``"process"`` (the supervised pool), ``"thread"``,
+    ``"asyncio"`` (the app's event loop) or ``"dask"`` (a Dask cluster, see ``dask_address``).
+    A task can choose its own."""
     modules: tuple[str, ...] = ()
     """Modules to import at start so that their ``@scheduler`` tasks are registered."""
     shutdown_timeout: Annotated[float, Field(ge=0)] | None = 30.0
@@ -57,6 +58,10 @@ class SchedulerConfig(PoolSettings):
     it) counts as dead: its unfinished runs are reported lost."""
     ledger_retention: timedelta = timedelta(days=7)
     """How long finished runs stay in the ledger (seconds, or ISO 8601 such as ``"P7D"``)."""
+    dask_address: str | None = None
+    """The Dask scheduler that ``executor="dask"`` sends runs to (``"tcp://scheduler:8786"``);
+    ``None``: corral starts a ``LocalCluster`` of ``workers`` processes and closes it at
+    shutdown. Needs ``pip install 'corral[dask]'``."""
 
     _scheduler: Any = PrivateAttr(default=None)
 

@@ -104,7 +104,7 @@ def scheduler(
         max_instances: Runs of this task that may be in progress at once.
         coalesce: After a delay, run once instead of once per missed run time.
         mistrigger_grace_time: Seconds a run may start late before it is reported missed.
-        executor: ``"process"``, ``"thread"`` or ``"asyncio"``.
+        executor: ``"process"``, ``"thread"``, ``"asyncio"`` or ``"dask"``.
         timeout: Seconds a run may take (process executor); ``None`` for no limit.
         args: Positional arguments for the function.
         kwargs: Keyword arguments for the function.
@@ -241,7 +241,7 @@ def _bind(declared: TaskSpec, fn: Callable[..., Any]) -> TaskSpec:
     if not callable(fn):
         raise ConfigurationError(f"a task needs a function, not {fn!r}")
     reference = _reference(fn)
-    if declared.executor in (DEFAULT, "process"):
+    if declared.executor in (DEFAULT, "process", "dask"):
         try:
             check_importable(fn)
         except NotImportableError as exc:

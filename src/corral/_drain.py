@@ -17,7 +17,9 @@ cancelling what waits for a worker and giving what runs until the deadline.
 A thread of its own does this, so that ``shutdown(wait=False)`` returns at once while the runs
 finish, ``aclose()`` waits without blocking the event loop, and ``shutdown(wait=True)`` blocks as
 asyncz's does. The first shutdown sets the deadline; ``kill_running()`` (the pool's
-``shutdown(wait=False)``) stops everything at any point, and the drain then ends.
+``shutdown(wait=False)``) stops everything at any point, and the drain then ends. The thread is
+not a daemon: as with asyncz's pools, a program that ends right after ``shutdown(wait=False)``
+still lets the runs finish (within the deadline) before it exits.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-
-from corral._pool._pool import Pool
+from typing import Protocol
 
 _TICK = 0.1  # seconds between two looks for outcomes that no event loop will hand over
+
+
+class Stoppable(Protocol):
+    """What a drain stops: corral's ``Pool``, or the Dask executor's link to its cluster."""
+
+    name: str
+
+    def shutdown(self, wait: bool = True, *, timeout: float | None = None) -> None: ...
 
 
 class Drain:
@@ -66,7 +75,7 @@ class Drain:
 
     def begin(
         self,
-        pool: Pool,
+        pool: Stoppable,
         timeout: float | None,
         *,
         cancel_queued: bool,
@@ -108,7 +117,7 @@ class Drain:
 
     def _run(
         self,
-        pool: Pool,
+        pool: Stoppable,
         deadline: float | None,
         cancel_queued: bool,
         hand_over: Callable[[], None],

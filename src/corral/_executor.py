@@ -142,15 +142,21 @@ class ProcessExecutor(BaseExecutor):
         if self.pool is None:
             return
         self._begin_drain(timeout)
-        if wait:
+        if wait and self.pool.may_wait():  # (from a job's done-callback, it goes on unwaited)
             self._stop_delivering_to_this_thread()
             self._drain.finished.wait()
 
     async def aclose(self, timeout: float | None = DEFAULT) -> None:
-        """``shutdown(wait=True)`` without blocking the event loop."""
-        if self.pool is not None:
-            self._begin_drain(timeout)
+        """``shutdown(wait=True)`` without blocking the event loop. Cancelled while it waits
+        (a server that stops waiting for its app), it stops what is left at once."""
+        if self.pool is None:
+            return
+        self._begin_drain(timeout)
+        try:
             await self._drain.wait()
+        except asyncio.CancelledError:
+            self.kill_running()
+            raise
 
     def kill_running(self) -> None:
         """Stop every run now: running jobs are killed (SIGKILL) and the pool shuts down; each
@@ -176,7 +182,7 @@ class ProcessExecutor(BaseExecutor):
             return
         if running is self._loop:
             self._loop = None
-            self._drain_inbox()  # what was handed to the loop before (later: ``Drain`` looks)
+            self._drain_inbox()  # what was handed to the loop already (``Drain`` looks again)
 
     def _hand_over_stranded(self) -> None:
         """Handle outcomes that wait for an event loop that no longer runs."""
@@ -203,10 +209,8 @@ class ProcessExecutor(BaseExecutor):
             # when the fires come back won. A replica with no free worker claims a little
             # later, so that a replica with one wins the fire and runs it at once.
             pool = self.pool
-            if pool is not None and not pool.has_idle_worker() and self._loop is not None:
-                self._loop.call_later(BUSY_CLAIM_DELAY, self.claims.claim, self, task, run_times)
-            else:
-                self.claims.claim(self, task, list(run_times))
+            busy = pool is not None and not pool.has_idle_worker()
+            self.claims.claim(self, task, run_times, delay=BUSY_CLAIM_DELAY if busy else 0.0)
             return
         self._start_run(task, list(run_times), grace=task.mistrigger_grace_time)
 
@@ -261,7 +265,7 @@ class ProcessExecutor(BaseExecutor):
             self._on_start(run, run_time, future)
         future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
 
-    def _on_start(self, run: _Run, run_time: datetime, future: JobFuture) -> None:
+    def _on_start(self, run: _Run, run_time: datetime, future: JobFuture[Any]) -> None:
         """A worker started the run (called on any thread; once, whoever sees it first)."""
         if future.__dict__.setdefault("corral_start_seen", run) is not run:
             return

@@ -21,12 +21,13 @@ from asyncz.events.constants import (
     TASK_MAX_INSTANCES,
     TASK_MISSED,
 )
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from corral._exceptions import (
+    ClusterUnavailableError,
     JobCancelledError,
     JobTimeoutError,
     MemoryLimitError,
@@ -41,6 +42,7 @@ _KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (WorkerDiedError, "crashed"),
     (MemoryLimitError, "memory limit"),
     (JobCancelledError, "cancelled"),
+    (ClusterUnavailableError, "unreachable"),
 )
 _STYLES = {
     "executed": "green",
@@ -51,6 +53,7 @@ _STYLES = {
     "missed": "dim",
     "skipped": "dim",
     "cancelled": "dim",
+    "unreachable": "bold yellow",
 }
 
 
@@ -193,6 +196,19 @@ class Monitor:
                 recycled=stats.recycled,
                 restarts=stats.restarts,
             )
+        cluster = self.scheduler.cluster_statistics()
+        if cluster is not None:
+            fields.update(
+                dask_connected=cluster.connected,
+                dask_workers=len(cluster.workers),
+                dask_running=cluster.running,
+                dask_waiting=cluster.waiting,
+                dask_completed=cluster.completed,
+                dask_failed=cluster.failed,
+                dask_timed_out=cluster.timed_out,
+                dask_crashed=cluster.crashed,
+                dask_unavailable=cluster.unavailable,
+            )
         self._line("status", **fields)
 
     def _line(self, kind: str, /, **fields: Any) -> None:
@@ -238,6 +254,8 @@ class Monitor:
                 f"{stats.timed_out}  crashed {stats.crashed}  memory {stats.memory_exceeded}  "
                 f"recycled {stats.recycled}  restarts {stats.restarts}  queued {stats.queued}"
             )
+        elif self.scheduler.cluster_statistics() is not None:
+            counters = Text("no local worker pool (tasks run on the Dask cluster)")
         else:
             counters = Text("no worker pool (thread or asyncio executor)")
         outcomes = Table(
@@ -258,4 +276,46 @@ class Monitor:
                 task_id, due.strftime("%H:%M:%S"), f"{(due - now).total_seconds():.0f}s"
             )
         notes = Text("\n".join(self.notes), style="bold yellow")
-        return Group(header, counters, workers, outcomes, upcoming, notes)
+        cluster = self._cluster_view()
+        parts: list[RenderableType] = (
+            [header, counters, workers] if cluster is None else [header, *cluster]
+        )
+        if cluster is not None and stats is not None:
+            parts += [counters, workers]
+        return Group(*parts, outcomes, upcoming, notes)
+
+    def _cluster_view(self) -> tuple[Text, Table] | None:
+        """The Dask cluster's workers and corral's runs on it, if tasks run there."""
+        cluster = self.scheduler.cluster_statistics()
+        if cluster is None:
+            return None
+        state = "connected" if cluster.connected else "UNAVAILABLE (reconnecting)"
+        counters = Text(
+            f"Dask cluster {cluster.address} ({'embedded' if cluster.embedded else 'external'}, "
+            f"{state}): running {cluster.running}  waiting {cluster.waiting}  completed "
+            f"{cluster.completed}  failed {cluster.failed}  timed out {cluster.timed_out}  "
+            f"crashed {cluster.crashed}  unreachable {cluster.unavailable}"
+        )
+        table = Table(
+            "Dask worker",
+            "pid",
+            "state",
+            "task",
+            "elapsed",
+            "memory",
+            "runs",
+            title="Dask workers",
+            title_justify="left",
+            expand=False,
+        )
+        for w in cluster.workers:
+            table.add_row(
+                w.address,
+                "" if w.pid is None else str(w.pid),
+                "busy" if w.running else "idle",
+                ", ".join(w.running),
+                "" if w.running_for is None else f"{w.running_for:.1f}s",
+                "" if w.memory is None else f"{w.memory / 2**20:.0f} MiB",
+                str(w.runs_done),
+            )
+        return counters, table

@@ -35,6 +35,8 @@ from corral._signals import signals_call
 
 if TYPE_CHECKING:
     from corral._claims import Claims
+    from corral._dask import DaskExecutor
+    from corral._dask_stats import ClusterStatistics
     from corral._ledger import LedgerStatistics, LostRun
 
 logger = logging.getLogger("corral.scheduler")
@@ -68,6 +70,7 @@ class Scheduler:
         self._added: list[TaskSpec] = []
         self.asyncz: NativeAsyncIOScheduler | None = None
         self._process_executor: ProcessExecutor | None = None
+        self._dask_executor: DaskExecutor | None = None
         self._claims: Claims | None = None
         self._rerun_lost: dict[str, bool] = {}
         self.replica_id: str | None = None
@@ -94,7 +97,7 @@ class Scheduler:
                 function that a worker process cannot find by reference.
         """
         spec = make_spec(fn, trigger=trigger, name=name, **options)
-        if self._kind(spec) == "process":
+        if self._kind(spec) in _BY_REFERENCE:
             _check_specs([spec])  # what a worker cannot find is refused here, not at each run
         self._rerun_lost[spec.id] = spec.rerun_lost
         if self.asyncz is not None:
@@ -125,11 +128,11 @@ class Scheduler:
                 ) from exc
         specs = self._specs()
         warn_about_tasks(specs)
-        _check_specs([spec for spec in specs if self._kind(spec) == "process"])
+        _check_specs([spec for spec in specs if self._kind(spec) in _BY_REFERENCE])
         kinds = {self._kind(spec) for spec in specs} | {self.config.executor}
         executors = {self._alias(kind): self._make_executor(kind, specs) for kind in kinds}
         cfg = self.config
-        self.asyncz = NativeAsyncIOScheduler(
+        self.asyncz = _AsynczScheduler(
             timezone=cfg.timezone,
             executors=executors,
         )
@@ -172,6 +175,11 @@ class Scheduler:
                 await self._process_executor.aclose(timeout)
             else:
                 self._process_executor.shutdown(wait=False, timeout=timeout)
+        if self._dask_executor is not None:
+            if wait:
+                await self._dask_executor.aclose(timeout)
+            else:
+                self._dask_executor.shutdown(wait=False, timeout=timeout)
         await scheduler_.shutdown(wait=False)
         await asyncio.sleep(0)  # let events queued from the pool's thread reach listeners
         await self._leave_ledger()
@@ -185,6 +193,8 @@ class Scheduler:
         """
         if self._process_executor is not None:
             self._process_executor.kill_running()
+        if self._dask_executor is not None:
+            self._dask_executor.kill_running()
 
     async def _shutdown_for_server(self) -> None:
         """:meth:`shutdown`, during which SIGINT or SIGTERM (a server's second: the first
@@ -215,7 +225,8 @@ class Scheduler:
         await self.shutdown()
 
     async def run(self, *, stop: asyncio.Event | None = None) -> None:
-        """Run until ``stop`` is set, or until SIGINT/SIGTERM; then shut down gracefully."""
+        """Run until ``stop`` is set, or until SIGINT/SIGTERM; then shut down gracefully (a
+        further SIGINT or SIGTERM stops the running jobs at once)."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         handled = []
@@ -259,6 +270,9 @@ class Scheduler:
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until every worker of the pool has started; ``True`` if they did in time."""
+        dask = self._dask_executor
+        if dask is not None and not await anyio.to_thread.run_sync(dask.wait_ready, timeout):
+            return False
         executor = self._process_executor
         if executor is None or executor.pool is None:
             return self.running
@@ -271,6 +285,10 @@ class Scheduler:
         if self._process_executor is None:
             return None
         return self._process_executor.statistics()
+
+    def cluster_statistics(self) -> ClusterStatistics | None:
+        """The Dask cluster's workers and the runs sent to it, or ``None`` without one."""
+        return None if self._dask_executor is None else self._dask_executor.statistics()
 
     def tasks(self) -> list[TaskType]:
         """The scheduled asyncz tasks (with their next run times)."""
@@ -296,6 +314,7 @@ class Scheduler:
         await anyio.to_thread.run_sync(coordinator.start)
         self.asyncz.add_listener(claims.on_event, OUTCOME_EVENTS)
         self._claims = claims
+        self.asyncz.claims = claims  # type: ignore[attr-defined]
         self.replica_id = ledger.replica
         for executor in self.asyncz.executors.values():
             executor.claims = claims  # type: ignore[attr-defined]
@@ -336,6 +355,12 @@ class Scheduler:
             self._process_executor = ProcessExecutor(settings)
             self._process_executor.claims = self._claims
             return self._process_executor
+        if kind == "dask":
+            from corral._dask import DaskExecutor
+
+            self._dask_executor = DaskExecutor.from_config(self.config)
+            self._dask_executor.claims = self._claims
+            return self._dask_executor
         executor: ThreadExecutor | AsyncIOExecutor
         if kind == "thread":
             executor = ThreadExecutor(max_workers=self.config.workers)
@@ -353,6 +378,10 @@ class Scheduler:
             assert self._process_executor is not None
             timeout = self.config.timeout if spec.timeout is DEFAULT else spec.timeout
             self._process_executor.task_timeouts[spec.id] = timeout
+        if kind == "dask":
+            assert self._dask_executor is not None
+            timeout = self.config.timeout if spec.timeout is DEFAULT else spec.timeout
+            self._dask_executor.task_timeouts[spec.id] = timeout
         # Explicit per task: asyncz drops None-valued defaults (a grace time of None, "no limit").
         options = {
             key: getattr(self.config, key) if getattr(spec, key) is DEFAULT else getattr(spec, key)
@@ -372,6 +401,22 @@ class Scheduler:
             replace_existing=True,
             **options,
         )
+
+
+class _AsynczScheduler(NativeAsyncIOScheduler):
+    """asyncz's scheduler; with a database, a fire's TASK_SUBMITTED is dispatched only by the
+    replica that wins its claim (the others skip the fire silently)."""
+
+    claims: Claims | None = None
+
+    def dispatch_event(self, event: Any) -> None:
+        claims = self.claims
+        if claims is not None and claims.hold(event):
+            return
+        super().dispatch_event(event)
+
+
+_BY_REFERENCE = ("process", "dask")  # executors whose functions travel by reference
 
 
 def _no_lost_runs(lost: list[LostRun]) -> None:  # replaced by Claims

@@ -25,11 +25,17 @@ from datetime import tzinfo
 from typing import TYPE_CHECKING, Any
 
 from asyncz.typing import Undefined
-from pydantic import Field, model_validator
-from pydantic._internal._model_construction import ModelMetaclass
-from ravyn import Ravyn, RavynSettings
-from ravyn.contrib.schedulers.asyncz.config import Task as _RavynTask
-from ravyn.contrib.schedulers.base import SchedulerConfig as _RavynSchedulerConfig
+from pydantic import BaseModel, Field, model_validator
+
+try:
+    from ravyn import Ravyn, RavynSettings
+    from ravyn.contrib.schedulers.asyncz.config import Task as _RavynTask
+    from ravyn.contrib.schedulers.base import SchedulerConfig as _RavynSchedulerConfig
+except ImportError as exc:
+    raise ImportError(
+        f"corral.ravyn needs Ravyn ({exc}); install it with: pip install 'corral[ravyn]'",
+        name=exc.name,
+    ) from exc
 
 from corral._asyncz_names import pool_options
 from corral._config import SchedulerConfig as _SchedulerConfig
@@ -42,12 +48,13 @@ __all__ = ["AsynczConfig", "SchedulerConfig", "SchedulerSettings"]
 logger = logging.getLogger("corral.ravyn")
 
 
-if TYPE_CHECKING:  # as pydantic's own, so that type checkers see every field in __init__
-    _ConfigMeta = ModelMetaclass
+if TYPE_CHECKING:  # type checkers keep pydantic's metaclass from BaseModel: every field in __init__
+    _ConfigMeta = type
 else:
 
-    class _ConfigMeta(ModelMetaclass, type(_RavynSchedulerConfig)):
-        """Pydantic's metaclass and that of Ravyn's (protocol) base class, reconciled."""
+    class _ConfigMeta(type(BaseModel), type(_RavynSchedulerConfig)):
+        """Pydantic's metaclass (public as ``type(BaseModel)``) and that of Ravyn's (protocol)
+        base class, reconciled."""
 
 
 # Ravyn's base declares start(**kwargs)/shutdown(**kwargs); Ravyn calls them with no arguments.

@@ -8,12 +8,13 @@ import contextlib
 import itertools
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 import anyio.to_thread
 
@@ -25,6 +26,10 @@ from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 from corral._pool._supervisor import Job, JobFuture, Supervisor
 
+if TYPE_CHECKING:
+    from corral._pool._pool_executor import PoolExecutor
+
+T = TypeVar("T")
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 _pool_names = itertools.count(1)
 
@@ -109,6 +114,12 @@ class Pool:
         if wait:
             supervisor.join(None)
 
+    def may_wait(self) -> bool:
+        """Whether the calling thread may block until jobs end: not from the supervisor's own
+        thread, nor from a done-callback of a job (it runs while its thread handles a reply)."""
+        supervisor = self._supervisor
+        return supervisor is None or supervisor.may_wait_here()
+
     def __enter__(self) -> Pool:
         self.start()
         return self
@@ -143,6 +154,42 @@ class Pool:
 
     # -- jobs ---------------------------------------------------------------------------------
 
+    @overload
+    def submit(
+        self,
+        fn: str | Callable[..., NoReturn],  # a reference, or a function that never returns
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> JobFuture[Any]: ...
+
+    @overload
+    def submit(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> JobFuture[T]: ...
+
+    @overload
+    def submit(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> JobFuture[T]: ...
+
     def submit(
         self,
         fn: Callable[..., Any] | str,
@@ -152,8 +199,11 @@ class Pool:
         timeout: float | None = DEFAULT,
         start_within: float | None = None,
         label: str | None = None,
-    ) -> JobFuture:
+    ) -> JobFuture[Any]:
         """Queue ``fn(*args, **kwargs)`` for a worker; returns at once.
+
+        The future's value is what ``fn`` returns (for an ``async def`` function: what its
+        coroutine returns, run in the worker's own event loop).
 
         Args:
             fn: A module-level function, or its reference ``"package.module:function"``.
@@ -206,6 +256,42 @@ class Pool:
         supervisor.submit(job)
         return job.future
 
+    @overload
+    async def run(
+        self,
+        fn: str | Callable[..., NoReturn],  # a reference, or a function that never returns
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> Any: ...
+
+    @overload
+    async def run(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> T: ...
+
+    @overload
+    async def run(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> T: ...
+
     async def run(
         self,
         fn: Callable[..., Any] | str,
@@ -213,17 +299,56 @@ class Pool:
         *args: Any,
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = DEFAULT,
+        start_within: float | None = None,
         label: str | None = None,
     ) -> Any:
-        """Run ``fn`` in a worker and return its value; cancelling the caller kills the job."""
-        future = self.submit(fn, *args, kwargs=kwargs, timeout=timeout, label=label)
+        """Run ``fn(*args, **kwargs)`` in a worker and return its value (or raise its exception).
+
+        Works under asyncio and under trio (directly or through anyio); the event loop never
+        waits on the pool. Cancelling the caller stops the job: taken back if it has not
+        started, its worker killed if it has. The arguments are those of :meth:`submit`.
+        """
+        future = self.submit(
+            fn, *args, kwargs=kwargs, timeout=timeout, start_within=start_within, label=label
+        )
+        if _running_under_trio():
+            try:
+                return await _trio_outcome(future)
+            except BaseException:
+                self._abandon(future)  # cancelled (or interrupted): nobody will read the outcome
+                raise
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            supervisor = self._supervisor
-            if supervisor is not None and future.running():
-                supervisor.kill_job(future.job_id)
+            self._abandon(future)
             raise
+
+    def executor(
+        self,
+        *,
+        timeout: float | None = DEFAULT,
+        start_within: float | None = None,
+        label: str | None = None,
+    ) -> PoolExecutor:
+        """This pool as a :class:`concurrent.futures.Executor`, for code that expects one.
+
+        ``submit(fn, *args, **kwargs)``, ``map`` and ``loop.run_in_executor(executor, fn,
+        *args)`` run their calls as jobs of this pool with these options (those of
+        :meth:`submit`). Shutting the executor down waits for its own jobs and refuses new ones;
+        the pool keeps running.
+        """
+        from corral._pool._pool_executor import PoolExecutor
+
+        return PoolExecutor(self, timeout=timeout, start_within=start_within, label=label)
+
+    def _abandon(self, future: JobFuture[Any]) -> None:
+        """Stop a job whose outcome nobody will read: cancelled if it waits in the queue, taken
+        back if it waits in a worker, its worker killed if it runs."""
+        if future.cancel() or future.done():
+            return
+        supervisor = self._supervisor
+        if supervisor is not None and future.running():
+            supervisor.kill_job(future.job_id)
 
     def has_idle_worker(self) -> bool:
         """Whether a worker is free now and nothing waits for one (a hint: it may change at
@@ -247,6 +372,34 @@ class Pool:
         with contextlib.suppress(TypeError):  # an unhashable callable is not cached
             self._references[fn] = reference
         return reference
+
+
+def _running_under_trio() -> bool:
+    """Whether the calling task runs under trio (which loads sniffio and sets it)."""
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is None:
+        return False
+    try:
+        return bool(sniffio.current_async_library() == "trio")
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
+async def _trio_outcome(future: JobFuture[T]) -> T:
+    """Wait for ``future`` in trio: the thread that resolves it wakes the waiting task without
+    waiting for trio itself."""
+    import trio
+
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    await done.wait()
+    return future.result()
 
 
 @atexit.register

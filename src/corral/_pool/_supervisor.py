@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -95,7 +95,10 @@ WAIT_WARNING = 1.0  # seconds a job may wait for a worker before it counts as wa
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 
 
-class JobFuture(Future[Any]):
+_T = TypeVar("_T")
+
+
+class JobFuture(Future[_T]):
     """A :class:`concurrent.futures.Future` that knows its job.
 
     Waiting on it with :meth:`result` or :meth:`exception` may read the job's reply on the
@@ -110,10 +113,10 @@ class JobFuture(Future[Any]):
         self.worker_pid: int | None = None  # the worker that started it, once one did
         self.queue_wait: float | None = None  # seconds from submit until a worker started it
         # Called once a worker starts the job, on whichever thread starts it: must not block.
-        self.on_start: Callable[[JobFuture], None] | None = None
+        self.on_start: Callable[[JobFuture[Any]], None] | None = None
         self._pickup: tuple[Supervisor, Job] | None = None  # set when submit wrote the job itself
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> _T:
         return super().result(self._pick_up(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -139,7 +142,7 @@ class Job:
     frame: bytes  # the JOB message, framed
     timeout: float | None
     start_by: float | None
-    future: JobFuture
+    future: JobFuture[Any]
     submitted_at: float
     running: bool = False  # the future is claimed (the job was sent to a worker at least once)
     done: bool = False
@@ -354,13 +357,17 @@ class Supervisor:
         self.request(lambda: self._begin_close(wait, deadline))
 
     def join(self, timeout: float | None) -> bool:
-        """Wait for the supervisor thread to end; not from a thread it would wait for (the
-        supervisor itself, or one that holds the state lock: a done-callback, or a signal
-        handler, run while that thread handles a reply)."""
-        me = threading.current_thread()
-        if self._thread.is_alive() and me is not self._thread and self._owner != me.ident:
+        """Wait for the supervisor thread to end (if this thread may)."""
+        if self._thread.is_alive() and self.may_wait_here():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def may_wait_here(self) -> bool:
+        """Whether this thread may wait for jobs to end: not one the supervisor would wait for
+        (itself, or one that holds the state lock: a done-callback, or a signal handler, run
+        while that thread handles a reply)."""
+        me = threading.current_thread()
+        return me is not self._thread and self._owner != me.ident
 
     def snapshot(self) -> PoolStatistics:
         workers = []

@@ -1,0 +1,197 @@
+"""The pool where Python code expects one: ``await pool.run`` under trio as under asyncio, and
+``pool.executor()`` wherever a ``concurrent.futures.Executor`` is expected."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+import trio
+
+import jobs
+from conftest import PoolFactory, busy_pids, wait_until
+from corral import (
+    JobCancelledError,
+    JobFuture,
+    JobMissedError,
+    JobTimeoutError,
+    Pool,
+    PoolExecutor,
+)
+from test_pool_batches import Gate, hold_the_only_worker, waiting
+
+# -- trio -----------------------------------------------------------------------------------------
+
+
+def test_run_awaits_the_value_under_trio(pool: Pool) -> None:
+    async def main() -> tuple[int, int, int]:
+        return (
+            await pool.run(jobs.add, 1, 2),
+            await pool.run(jobs.async_add, 3, 4),
+            await pool.run(jobs.pid),
+        )
+
+    added, awaited, pid = trio.run(main)
+    assert (added, awaited) == (3, 7)
+    assert pid != os.getpid()
+
+
+def test_run_raises_the_jobs_exception_under_trio(pool: Pool) -> None:
+    async def main() -> None:
+        with pytest.raises(jobs.JobFailure, match="disk full"):
+            await pool.run(jobs.fail, "disk full")
+        with pytest.raises(JobTimeoutError):
+            await pool.run(jobs.sleep, 60, timeout=0.3)
+
+    trio.run(main)
+
+
+def test_runs_wait_side_by_side_under_anyio_on_trio(pool: Pool) -> None:
+    results: dict[int, int] = {}
+
+    async def one(n: int) -> None:
+        results[n] = await pool.run(jobs.add, n, n)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for n in range(6):
+                group.start_soon(one, n)
+
+    anyio.run(main, backend="trio")
+    assert results == {n: 2 * n for n in range(6)}
+
+
+def test_cancelling_run_under_trio_kills_the_running_job(pool: Pool) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(pool.run, jobs.sleep, 60))
+            await trio.to_thread.run_sync(
+                lambda: wait_until(lambda: busy_pids(pool), what="the job to start")
+            )
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    wait_until(lambda: pool.statistics().cancelled == 1, what="the cancel to be counted")
+    wait_until(lambda: not busy_pids(pool), what="the worker to be free")
+
+
+def test_cancelling_run_under_trio_takes_back_a_job_that_has_not_started(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=1)
+    gate, holder = hold_the_only_worker(pool, tmp_path)
+    marker = tmp_path / "ran"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(pool.run, jobs.create, str(marker)))
+            await trio.to_thread.run_sync(
+                lambda: wait_until(lambda: waiting(pool) == 1, what="the job to wait")
+            )
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    wait_until(lambda: pool.statistics().cancelled == 1, what="the cancel to be counted")
+    assert not holder.done()  # taken back while the job ahead of it still runs
+    gate.release()
+    worker_pid = holder.result(10)
+    assert pool.submit(jobs.pid).result(10) == worker_pid  # no worker was killed for it
+    assert not marker.exists()
+
+
+# -- concurrent.futures.Executor ------------------------------------------------------------------
+
+
+def test_the_executor_is_a_concurrent_futures_executor_over_the_pool(pool: Pool) -> None:
+    executor = pool.executor(label="report")
+    assert isinstance(executor, concurrent.futures.Executor)
+    assert isinstance(executor, PoolExecutor)
+    future = executor.submit(jobs.takes, value=3)
+    assert isinstance(future, JobFuture)
+    assert (future.result(10), future.label) == ("int", "report")
+    assert executor.submit(jobs.pid).result(10) != os.getpid()
+
+
+def test_run_in_executor_runs_in_a_worker(pool: Pool) -> None:
+    async def main() -> tuple[int, int, int]:
+        loop = asyncio.get_running_loop()
+        executor = pool.executor()
+        return (
+            await loop.run_in_executor(executor, jobs.add, 1, 2),
+            await loop.run_in_executor(executor, functools.partial(jobs.add, b=10), 5),
+            await loop.run_in_executor(executor, jobs.pid),
+        )
+
+    added, partial, pid = asyncio.run(main())
+    assert (added, partial) == (3, 15)
+    assert pid != os.getpid()
+
+
+def test_map_keeps_the_executors_timeout_for_each_call(pool: Pool) -> None:
+    executor = pool.executor(timeout=2)
+    results = executor.map(jobs.sleep, [0, 60, 0])
+    assert next(results) == 0
+    with pytest.raises(JobTimeoutError, match="ran past its timeout of 2"):
+        next(results)
+    assert list(executor.map(jobs.add, [1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+    assert pool.statistics().timed_out == 1
+
+
+def test_maps_own_timeout_stops_the_calls_still_running(pool: Pool) -> None:
+    executor = pool.executor(timeout=None)
+    results = executor.map(jobs.sleep, [60, 60], timeout=0.5)
+    with pytest.raises(TimeoutError):
+        next(results)
+    wait_until(lambda: pool.statistics().cancelled == 2, what="both calls to be stopped")
+    wait_until(lambda: not busy_pids(pool), what="the workers to be free")
+
+
+def test_map_with_a_buffer_submits_as_results_are_read(pool: Pool) -> None:
+    executor = pool.executor()
+    assert list(executor.map(jobs.add, range(10), range(10), buffersize=2)) == list(range(0, 20, 2))
+    assert pool.statistics().submitted == 10
+    with pytest.raises(ValueError, match="buffersize"):
+        executor.map(jobs.add, [1], [1], buffersize=0)
+
+
+def test_start_within_is_carried_to_each_call(make_pool: PoolFactory, tmp_path: Path) -> None:
+    pool = make_pool(workers=1)
+    gate, holder = hold_the_only_worker(pool, tmp_path)
+    late = pool.executor(start_within=0.2).submit(jobs.pid)
+    with pytest.raises(JobMissedError):
+        late.result(10)
+    gate.release()
+    holder.result(10)
+
+
+def test_with_block_waits_for_its_calls_then_refuses_new_ones(pool: Pool) -> None:
+    with pool.executor() as executor:
+        futures = [executor.submit(jobs.sleep, 0.2) for _ in range(4)]
+    assert all(future.done() for future in futures)
+    assert [future.result() for future in futures] == [0.2] * 4
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(jobs.pid)
+    assert pool.submit(jobs.add, 1, 1).result(10) == 2  # the pool keeps running
+
+
+def test_shutdown_can_cancel_the_calls_not_started(make_pool: PoolFactory, tmp_path: Path) -> None:
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    executor = pool.executor()
+    holder = executor.submit(jobs.hold, gate.path)
+    wait_until(lambda: busy_pids(pool), what="the worker to be busy")
+    queued = [executor.submit(jobs.create, str(tmp_path / f"ran-{n}")) for n in range(3)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    for future in queued:
+        with pytest.raises((concurrent.futures.CancelledError, JobCancelledError)):
+            future.result(10)
+    assert not holder.done()
+    gate.release()
+    executor.shutdown(wait=True)
+    assert holder.result() == holder.worker_pid
+    assert not list(tmp_path.glob("ran-*"))
