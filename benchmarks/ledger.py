@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from corral._ledger import Coordinator, Ledger
+from corral._ledger._records import ClaimRequest
 
 HERE = Path(__file__).resolve().parent
 TASKS = 50
@@ -74,6 +75,21 @@ def claim_overhead(url: str, fires: int = 2000) -> float:
     return took / fires * 1e6
 
 
+def batched_claim_overhead(url: str, seconds: int = 40) -> float:
+    """Microseconds per fire when 50 tasks are due at once (claimed in one transaction, as the
+    coordinator does with everything queued together)."""
+    ledger = Ledger(url)
+    ledger.join()
+    start = datetime(2031, 1, 1, tzinfo=UTC)
+    began = time.perf_counter()
+    for second in range(seconds):
+        moment = [start + timedelta(seconds=second)]
+        ledger.claim_many([ClaimRequest(f"t{n:02d}", moment, 1) for n in range(TASKS)])
+    took = time.perf_counter() - began
+    ledger.close()
+    return took / (seconds * TASKS) * 1e6
+
+
 def idle_queries(url: str, seconds: float) -> float:
     """Transactions per second of one idle replica (default lease)."""
     ledger = Ledger(url)
@@ -96,21 +112,23 @@ def cluster(url: str, folder: Path, seconds: float) -> dict[str, float]:
     env = {**os.environ, "BENCH_OUT": str(out), "PYTHONPATH": str(folder)}
     command = [sys.executable, "-m", "corral", "run", str(module), "--plain", "--workers", "2"]
     command += ["--database", url, "--duration", str(seconds)]
-    began = datetime.now(UTC)
     procs = [
         subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(3)
     ]
     for proc in procs:
         proc.wait()
-    ended = datetime.now(UTC)
     ledger = Ledger(url)
     runs = ledger.runs(limit=None)
     ledger.close()
     ran = Counter(line.split()[0] for line in out.read_text().splitlines())
-    # The window every replica was surely up: from 3 s after the start to 3 s before the end.
-    first = (began + timedelta(seconds=3)).replace(microsecond=0)
-    last = (ended - timedelta(seconds=3)).replace(microsecond=0)
+    # The window every replica was up: from the latest first claim of a replica to the
+    # earliest last one, a second inside each end.
+    by_replica: dict[str, list[datetime]] = {}
+    for run in runs:
+        by_replica.setdefault(run.replica, []).append(run.scheduled)
+    first = max(min(times) for times in by_replica.values()) + timedelta(seconds=1)
+    last = min(max(times) for times in by_replica.values()) - timedelta(seconds=1)
     due = {
         (f"t{n:02d}", first + timedelta(seconds=s))
         for n in range(TASKS)
@@ -143,16 +161,19 @@ def main() -> None:
         for kind in kinds:
             results[kind] = {
                 "claim_us": claim_overhead(fresh(kind, folder, args.postgres)),
+                "batched_claim_us": batched_claim_overhead(fresh(kind, folder, args.postgres)),
                 "idle_queries_per_s": idle_queries(fresh(kind, folder, args.postgres), 10),
                 **cluster(fresh(kind, folder, args.postgres), folder, args.seconds),
             }
-    header = ["database", "claim µs/fire", "idle tx/s", "fires due", "duplicates", "missed"]
+    header = ["database", "claim µs/fire", "50 at once µs/fire", "idle tx/s", "fires due"]
+    header += ["duplicates", "missed"]
     header += ["skipped", "replicas claiming"]
     print(" | ".join(header))
     for kind, row in results.items():
         cells = [
             kind,
             f"{row['claim_us']:.0f}",
+            f"{row['batched_claim_us']:.0f}",
             f"{row['idle_queries_per_s']:.2f}",
             str(row["fires_due"]),
             str(row["duplicates"]),

@@ -3,6 +3,7 @@ from the winner only, run times agree, and the database going away is survivable
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -281,3 +282,33 @@ async def test_every_executor_claims_before_it_runs(executor: str, tmp_path: Pat
     finally:
         ledger.close()
     assert all(recorded[moment] == "executed" for moment in times)
+
+
+async def test_a_shutdown_without_waiting_still_records_the_runs_that_finish_after_it(
+    tmp_path: Path,
+) -> None:
+    url = fresh_database("sqlite", tmp_path)
+    sched = Scheduler(config(url))
+    soon = datetime.now(UTC) + timedelta(seconds=0.2)
+    sched.add_task(jobs.sleep, trigger="date", run_date=soon, args=(1.5,), name="slow")
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    ledger = Ledger(url)
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: [r for r in ledger.runs(task="slow") if r.worker_pid is not None],
+            60,
+            "the run started in a worker",
+        )
+        await sched.shutdown(wait=False)
+        await recorder.count(TASK_EXECUTED, "slow", 1, timeout=60)
+        [run] = wait_until(
+            lambda: [r for r in ledger.runs(task="slow") if r.status != "claimed"],
+            timeout=30,
+            what="the run's outcome in the ledger",
+        )
+        assert run.status == "executed"
+        wait_until(lambda: not ledger.replicas(), timeout=30, what="the replica gone")
+    finally:
+        ledger.close()

@@ -15,6 +15,7 @@ again: the scheduler resumes by itself when the database is back.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -27,13 +28,22 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from corral._ledger._ledger import Ledger
-from corral._ledger._records import Claim, ClaimResult, LostRun, RunRecord, RunStatus
+from corral._ledger._records import (
+    Claim,
+    ClaimRequest,
+    ClaimResult,
+    LostRun,
+    Outcome,
+    RunRecord,
+    RunStatus,
+)
 from corral._ledger._schema import safe_url
 
 logger = logging.getLogger("corral.ledger")
 
 Done = Callable[[Any, BaseException | None], None]
 PENDING_LIMIT = 10_000
+BATCH = 500  # most queued calls handled together
 PRUNE_EVERY = 3600.0
 _STOP = object()
 
@@ -55,6 +65,22 @@ class LedgerStatistics:
     unrecorded_outcomes: int
     """Outcomes waiting for the database to be recorded."""
     queries: int
+
+
+class _Fanout:
+    """One batch's callback: each claim's own ``done`` gets its own results (or the error)."""
+
+    def __init__(self, claims: list[tuple[ClaimRequest, Done]]) -> None:
+        self.claims = claims
+
+    def __call__(
+        self, batches: list[list[ClaimResult]] | None, error: BaseException | None
+    ) -> None:
+        for index, (_, done) in enumerate(self.claims):
+            try:
+                done(None if batches is None else batches[index], error)
+            except Exception:
+                logger.exception("corral ledger callback %r failed", done)
 
 
 class Coordinator:
@@ -79,7 +105,7 @@ class Coordinator:
         self.retention = retention
         self.tick_every = ledger.lease / 3
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._pending: collections.deque[Outcome] = collections.deque()
         self._thread: threading.Thread | None = None
         self._available = True
         self._counts = collections.Counter[str]()
@@ -138,11 +164,13 @@ class Coordinator:
         attempt: int = 0,
     ) -> None:
         """Claim fires on the thread; ``done(results, error)`` is called there."""
-        self._queue.put((self._claim, (task, list(scheduled), max_instances, attempt), done))
+        self._queue.put(
+            ("claim", ClaimRequest(task, list(scheduled), max_instances, attempt), done)
+        )
 
     def started(self, run_id: int, worker_pid: int | None, started_at: float) -> None:
         """Record where and when a run started (never blocks: queued for the thread)."""
-        self._queue.put((self.ledger.start, (run_id, worker_pid, started_at), None))
+        self._queue.put(("start", (run_id, worker_pid, started_at), None))
 
     def finish(
         self,
@@ -154,9 +182,8 @@ class Coordinator:
         started_at: float | None = None,
     ) -> None:
         """Record a run's outcome (kept and retried while the database is away)."""
-        finished_at = time.time()
-        args = (run_id, status, error, worker_pid, started_at, finished_at)
-        self._queue.put((self._finish, args, None))
+        outcome = Outcome(run_id, status, error, worker_pid, started_at, time.time())
+        self._queue.put(("finish", outcome, None))
 
     def statistics(self) -> LedgerStatistics:
         counts = self._counts
@@ -178,17 +205,38 @@ class Coordinator:
         next_tick = time.monotonic() + self.tick_every
         while True:
             try:
-                item = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
+                first = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
-                item = None
-            if item is _STOP:
+                first = None
+            items = [] if first is None else [first, *self._more()]
+            stop = _STOP in items
+            self._handle([item for item in items if item is not _STOP])
+            if stop:
                 return
-            if item is not None:
-                fn, args, done = item
-                self._run(fn, args, done)
             if time.monotonic() >= next_tick:
                 self._tick()
                 next_tick = time.monotonic() + self.tick_every
+
+    def _more(self) -> list[Any]:
+        """What else is queued now (up to a bound): handled together, in few transactions."""
+        more: list[Any] = []
+        with contextlib.suppress(queue.Empty):
+            while len(more) < BATCH:
+                more.append(self._queue.get_nowait())
+        return more
+
+    def _handle(self, items: list[Any]) -> None:
+        """Outcomes first (they release instances the claims count), then starts, then claims:
+        a run's claim is always handled in an earlier batch than its start and outcome."""
+        outcomes = [outcome for kind, outcome, _ in items if kind == "finish"]
+        if outcomes:
+            self._run(self._finish, (outcomes,), None)
+        for kind, args, _ in items:
+            if kind == "start":
+                self._run(self.ledger.start, args, None)
+        claims = [(request, done) for kind, request, done in items if kind == "claim"]
+        if claims:
+            self._run(self._claim, ([request for request, _ in claims],), _Fanout(claims))
 
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done | None) -> None:
         try:
@@ -214,57 +262,50 @@ class Coordinator:
         except Exception:
             logger.exception("corral ledger callback %r failed", done)
 
-    def _claim(
-        self, task: str, scheduled: list[datetime], max_instances: int, attempt: int
-    ) -> list[ClaimResult]:
+    def _claim(self, requests: list[ClaimRequest]) -> list[list[ClaimResult]]:
         try:
-            results = self.ledger.claim(task, scheduled, max_instances, attempt=attempt)
+            batches = self.ledger.claim_many(requests)
         except (SQLAlchemyError, OSError):
-            self._counts["failed"] += len(scheduled)
+            self._counts["failed"] += sum(len(request.scheduled) for request in requests)
             raise
-        for result in results:
-            self._counts[result.claim.value] += 1
-            if result.claim is Claim.TAKEN:
-                logger.debug(
-                    "Fire %s of task %r was claimed by another replica; skipped here",
-                    result.scheduled,
-                    task,
-                )
-        return results
+        for request, results in zip(requests, batches, strict=True):
+            for result in results:
+                self._counts[result.claim.value] += 1
+                if result.claim is Claim.TAKEN:
+                    logger.debug(
+                        "Fire %s of task %r was claimed by another replica; skipped here",
+                        result.scheduled,
+                        request.task,
+                    )
+        return batches
 
-    def _finish(self, *args: Any) -> None:
+    def _finish(self, outcomes: list[Outcome]) -> None:
         try:
-            self._record(args)
+            self._record(outcomes)
         except (SQLAlchemyError, OSError):
-            if len(self._pending) >= PENDING_LIMIT:
+            self._pending.extend(outcomes)
+            while len(self._pending) > PENDING_LIMIT:
                 dropped = self._pending.popleft()
-                logger.error("corral dropped the unrecorded outcome of run %s", dropped[0])
-            self._pending.append(args)
+                logger.error("corral dropped the unrecorded outcome of run %s", dropped.run_id)
             raise
 
-    def _record(self, args: tuple[Any, ...]) -> None:
-        run_id, status, error, worker_pid, started_at, finished_at = args
-        recorded = self.ledger.finish(
-            run_id,
-            status,
-            error=error,
-            worker_pid=worker_pid,
-            started_at=started_at,
-            finished_at=finished_at,
-        )
-        if not recorded:
-            logger.warning(
-                "Run %s finished (%s) after it had been reported lost: this replica's lease "
-                "expired while it ran (was the process stopped, or the database away for "
-                "longer than the lease?)",
-                run_id,
-                status,
-            )
+    def _record(self, outcomes: list[Outcome]) -> None:
+        recorded = self.ledger.finish_many(outcomes)
+        for outcome, done in zip(outcomes, recorded, strict=True):
+            if not done:
+                logger.warning(
+                    "Run %s finished (%s) after it had been reported lost: this replica's lease "
+                    "expired while it ran (was the process stopped, or the database away for "
+                    "longer than the lease?)",
+                    outcome.run_id,
+                    outcome.status,
+                )
 
     def _retry_pending(self) -> None:
-        while self._pending:
-            self._record(self._pending[0])
-            self._pending.popleft()
+        if self._pending:
+            pending = list(self._pending)
+            self._record(pending)
+            self._pending.clear()
 
     def _tick(self) -> None:
         self._run(self._maintain, (), None)

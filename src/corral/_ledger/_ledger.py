@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,8 +33,10 @@ from sqlalchemy import Engine, Row, and_, bindparam, delete, func, select, updat
 
 from corral._ledger._records import (
     Claim,
+    ClaimRequest,
     ClaimResult,
     LostRun,
+    Outcome,
     ReplicaRecord,
     RunRecord,
     RunStatus,
@@ -163,40 +165,49 @@ class Ledger:
         attempt: int = 0,
     ) -> list[ClaimResult]:
         """Claim the fires of ``task`` at ``scheduled`` (handed over together: one instance)."""
-        if not scheduled:
-            return []
+        return self.claim_many([ClaimRequest(task, list(scheduled), max_instances, attempt)])[0]
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[list[ClaimResult]]:
+        """Several claims in one transaction (each as :meth:`claim` would make it)."""
+        if not any(request.scheduled for request in requests):
+            return [[] for _ in requests]
         now = self._clock()
-        batch = uuid.uuid4().hex
-        results: list[ClaimResult] = []
-        with self._transaction(lock=f"corral:task:{task}") as connection:
+        locks = {f"corral:task:{request.task}" for request in requests}
+        with self._transaction(lock=locks) as connection:
             # A replica claims only while registered: a run is never left without a lease.
             self._touch(connection, now)
-            in_progress = connection.execute(_IN_PROGRESS, {"task": task}).scalar_one()
-            full = in_progress >= max_instances
-            for moment in scheduled:
-                values = {
-                    "task": task,
-                    "scheduled_us": micros(moment),
-                    "attempt": attempt,
-                    "batch": batch,
-                    "status": "skipped" if full else "claimed",
-                    "replica": self.replica,
-                    "host": self.host,
-                    "pid": self.pid,
-                    "claimed_at": now,
-                    "finished_at": now if full else None,
-                    "error": (
-                        f"max_instances={max_instances} runs of {task!r} were in progress "
-                        f"across replicas"
-                        if full
-                        else None
-                    ),
-                }
-                run_id = insert_ignoring_conflicts(connection, runs, values)
-                if run_id is None:
-                    results.append(ClaimResult(moment, Claim.TAKEN))
-                    continue
-                results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id))
+            return [self._claim(connection, request, now) for request in requests]
+
+    def _claim(self, connection: Any, request: ClaimRequest, now: float) -> list[ClaimResult]:
+        task, max_instances, attempt = request.task, request.max_instances, request.attempt
+        batch = uuid.uuid4().hex
+        results: list[ClaimResult] = []
+        in_progress = connection.execute(_IN_PROGRESS, {"task": task}).scalar_one()
+        full = in_progress >= max_instances
+        for moment in request.scheduled:
+            values = {
+                "task": task,
+                "scheduled_us": micros(moment),
+                "attempt": attempt,
+                "batch": batch,
+                "status": "skipped" if full else "claimed",
+                "replica": self.replica,
+                "host": self.host,
+                "pid": self.pid,
+                "claimed_at": now,
+                "finished_at": now if full else None,
+                "error": (
+                    f"max_instances={max_instances} runs of {task!r} were in progress "
+                    f"across replicas"
+                    if full
+                    else None
+                ),
+            }
+            run_id = insert_ignoring_conflicts(connection, runs, values)
+            if run_id is None:
+                results.append(ClaimResult(moment, Claim.TAKEN))
+                continue
+            results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id))
         return results
 
     def start(
@@ -211,6 +222,13 @@ class Ledger:
                 .values(started_at=started_at, worker_pid=worker_pid)
             )
 
+    def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Several outcomes in one transaction (each as :meth:`finish` records it)."""
+        if not outcomes:
+            return []
+        with self._transaction() as connection:
+            return [self._finish(connection, outcome) for outcome in outcomes]
+
     def finish(
         self,
         run_id: int,
@@ -223,24 +241,26 @@ class Ledger:
     ) -> bool:
         """Record a run's outcome; ``False`` if it was no longer in progress (reported lost)."""
         finished_at = self._clock() if finished_at is None else finished_at
+        outcome = Outcome(run_id, status, error, worker_pid, started_at, finished_at)
+        return self.finish_many([outcome])[0]
+
+    def _finish(self, connection: Any, outcome: Outcome) -> bool:
         values: dict[str, Any] = {
-            "status": status,
-            "finished_at": finished_at,
-            "error": bounded(error),
+            "status": outcome.status,
+            "finished_at": outcome.finished_at,
+            "error": bounded(outcome.error),
         }
-        if worker_pid is not None:
-            values["worker_pid"] = worker_pid
-        if started_at is not None:
-            values["started_at"] = started_at
-            values["duration"] = max(0.0, finished_at - started_at)
-        with self._transaction() as connection:
-            return bool(
-                connection.execute(
-                    update(runs)
-                    .where(and_(runs.c.id == run_id, runs.c.status == "claimed"))
-                    .values(**values)
-                ).rowcount
-            )
+        if outcome.worker_pid is not None:
+            values["worker_pid"] = outcome.worker_pid
+        if outcome.started_at is not None:
+            values["started_at"] = outcome.started_at
+            values["duration"] = max(0.0, outcome.finished_at - outcome.started_at)
+        statement = (
+            update(runs)
+            .where(and_(runs.c.id == outcome.run_id, runs.c.status == "claimed"))
+            .values(**values)
+        )
+        return bool(connection.execute(statement).rowcount)
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -374,7 +394,7 @@ class Ledger:
             create_tables(self.engine)
             self._tables_ready = True
 
-    def _transaction(self, lock: str | None = None) -> Any:
+    def _transaction(self, lock: str | Iterable[str] | None = None) -> Any:
         self.queries += 1
         return transaction(self.engine, lock)
 

@@ -63,6 +63,28 @@ class ClaimResult:
 
 
 @dataclass(frozen=True)
+class ClaimRequest:
+    """Fires of one task handed over together (one instance), to claim."""
+
+    task: str
+    scheduled: list[datetime]
+    max_instances: int
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A run's outcome, to record."""
+
+    run_id: int
+    status: RunStatus
+    error: str | None
+    worker_pid: int | None
+    started_at: float | None
+    finished_at: float
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """One run as the ledger records it."""
 

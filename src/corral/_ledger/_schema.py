@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import (
@@ -161,15 +161,19 @@ def make_engine(url: str) -> Engine:
 
 
 @contextlib.contextmanager
-def transaction(engine: Engine, lock: str | None = None) -> Iterator[Connection]:
-    """A write transaction; with ``lock``, serialised with every other holder of that name.
+def transaction(engine: Engine, lock: str | Iterable[str] | None = None) -> Iterator[Connection]:
+    """A write transaction; with ``lock`` (a name or several), serialised with every other
+    holder of those names.
 
     SQLite serialises every write transaction (``BEGIN IMMEDIATE``); PostgreSQL takes a
-    transaction-scoped advisory lock on the name's hash.
+    transaction-scoped advisory lock on each name's hash, in one order, so that two
+    transactions taking several never deadlock.
     """
+    names = [] if lock is None else [lock] if isinstance(lock, str) else sorted(set(lock))
     with engine.begin() as connection:
-        if lock is not None and connection.dialect.name == "postgresql":
-            connection.execute(_ADVISORY_LOCK, {"name": lock})
+        if connection.dialect.name == "postgresql":
+            for name in names:
+                connection.execute(_ADVISORY_LOCK, {"name": name})
         yield connection
 
 
