@@ -2,8 +2,8 @@
 
     python benchmarks/all.py [--repeat 3]
 
-Runs ``pool.py``, ``scheduler.py`` and ``waits.py`` (each prints its table), writes their JSON
-to ``benchmarks/results/`` and the loop-lag plot to ``docs/img/loop-lag.png``.
+Runs ``pool.py``, ``scheduler.py``, ``waits.py`` and ``dask.py`` (each prints its table), writes
+their JSON to ``benchmarks/results/`` and the loop-lag plot to ``docs/img/loop-lag.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
             *repeat,
         ],
         ["waits.py", "--json", str(results / "waits.json"), *repeat],
+        ["dask.py", "--json", str(results / "dask.json"), *repeat],
     ]
     for script, *options in commands:
         subprocess.run([sys.executable, str(HERE / script), *options], check=True, cwd=HERE)

@@ -74,11 +74,21 @@ def _print_big(n: int) -> int:
     return n
 
 
+def _quiet() -> None:
+    """In a forked child: its stdout and stderr (the app's) go nowhere, to keep tests' output
+    readable. What it prints still goes through the streams it inherited from the worker."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def fork_and_print_big_lines(lines: int) -> str:
     """Fork a child that prints long lines while this worker prints too; wait for the child."""
     pid = os.fork()
     if pid == 0:
         try:
+            _quiet()
             for n in range(lines):
                 print(f"child {n} " + "c" * 40_000, flush=True)
                 print(f"child err {n} " + "e" * 40_000, file=sys.stderr, flush=True)
@@ -93,7 +103,7 @@ def fork_and_print_big_lines(lines: int) -> str:
 
 
 def fork_pool_printing_big_lines(count: int) -> list[int]:
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    with multiprocessing.get_context("fork").Pool(2, initializer=_quiet) as pool:
         return pool.map(_print_big, range(count))
 
 

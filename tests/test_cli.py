@@ -62,7 +62,7 @@ def test_run_in_process_prints_plain_lines(capsys: pytest.CaptureFixture[str]) -
     assert main(["run", "cli_tasks", "--duration", "1.5", "--plain"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"event=outcome task=cli-tick kind=executed detail=\d+", out)
-    assert "event=note text='--duration 1.5s reached: finishing running tasks'" in out
+    assert "event=note task=- msg=--duration 1.5s reached: finishing running tasks\n" in out
     assert re.search(r"event=status .*workers=0 .*completed=[1-9]", out)
 
 
@@ -111,7 +111,8 @@ class Output:
             for line in stream:
                 self.lines.put(line)
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
 
     def wait_for(self, pattern: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
@@ -124,6 +125,14 @@ class Output:
             if re.search(pattern, line):
                 return line
         raise AssertionError(f"no line matching {pattern!r} within {timeout}s: {self.seen}")
+
+    def until_end(self, timeout: float = 60) -> list[str]:
+        """Every line, once the process closed its output (it exited)."""
+        self.reader.join(timeout)
+        assert not self.reader.is_alive(), f"output still open after {timeout}s"
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return self.seen
 
 
 def corral_command() -> list[str]:
@@ -154,23 +163,28 @@ def corral_run(*args: str) -> Iterator[tuple[subprocess.Popen[str], Output]]:
 def test_corral_run_demo_as_a_subprocess_stops_cleanly_on_sigterm() -> None:
     with corral_run("corral.demo") as (process, output):
         output.wait_for(r"event=outcome task=async kind=executed")
-        output.wait_for(r"event=outcome task=crashes kind=crashed detail=.WorkerDiedError")
+        output.wait_for(r"event=outcome task=crashes kind=crashed detail=WorkerDiedError")
         process.send_signal(signal.SIGTERM)
-        output.wait_for(r"event=note text='SIGTERM: finishing running tasks")
+        output.wait_for(r"event=note task=- msg=SIGTERM: finishing running tasks")
         assert process.wait(timeout=30) == 0
         final = "".join(output.seen) + "".join(list(output.lines.queue))
         assert "event=status" in final
 
 
-def test_a_second_signal_stops_running_tasks_now() -> None:
+@pytest.mark.parametrize(
+    ("first", "second"), [(signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)]
+)
+def test_a_second_signal_stops_running_tasks_now_and_exits_128_plus_its_number(
+    first: signal.Signals, second: signal.Signals
+) -> None:
     with corral_run("cli_stuck") as (process, output):
-        output.wait_for(r"^started")
-        process.send_signal(signal.SIGINT)
-        output.wait_for(r"SIGINT: finishing running tasks")
-        process.send_signal(signal.SIGINT)
-        output.wait_for(r"SIGINT: stopping running tasks now")
+        output.wait_for(r"event=output task=cli-forever pid=\d+ msg=started$")
+        process.send_signal(first)
+        output.wait_for(rf"{first.name}: finishing running tasks")
+        process.send_signal(second)
+        output.wait_for(rf"{second.name}: stopping running tasks now")
         output.wait_for(r"task=cli-forever kind=cancelled")
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=30) == 128 + second.value  # 130 after a second Ctrl-C
 
 
 def test_run_live_view_shows_workers_outcomes_and_next_runs(

@@ -64,9 +64,9 @@ def test_exception_keeps_type_message_and_remote_traceback(pool: Pool) -> None:
 
 def test_sys_exit_in_a_job_is_its_outcome_and_the_worker_survives(pool: Pool) -> None:
     before = sorted(w.pid for w in pool.statistics().workers)
-    with pytest.raises(SystemExit) as caught:
+    with pytest.raises(corral.JobExitError, match="SystemExit with exit code 4") as caught:
         pool.submit(jobs.exit_with, 4).result(10)
-    assert caught.value.code == 4
+    assert caught.value.exit_code == 4
     assert sorted(w.pid for w in pool.statistics().workers) == before
 
 

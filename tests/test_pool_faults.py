@@ -18,6 +18,7 @@ import jobs
 from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 from corral import (
     CorralError,
+    JobExitError,
     JobTimeoutError,
     MemoryLimitError,
     Pool,
@@ -42,11 +43,13 @@ def _expected(where: str, how: str) -> tuple[type[BaseException], str]:
     if how == "hang":
         return JobTimeoutError, "ran past its timeout"
     if where == "run":
-        return (jobs.JobFailure, "failed on purpose") if how == "exception" else (SystemExit, "5")
+        if how == "exception":
+            return jobs.JobFailure, "failed on purpose"
+        return JobExitError, "SystemExit with exit code 5"
     if where == "unpickle-call":
         if how == "exception":
             return SerializationError, "could not unpickle the job's arguments"
-        return SystemExit, "5"
+        return JobExitError, "SystemExit with exit code 5"
     assert where == "pickle-result"
     return SerializationError, "could not be pickled"
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import jobs
-from conftest import PoolFactory, wait_until, worker_pids
+from conftest import PoolFactory, assert_gone, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError
 from test_pool_batches import Gate, hold_the_only_worker
 
@@ -161,7 +161,8 @@ def test_a_caller_reading_a_dead_worker_kept_open_by_a_process_of_its_job_is_not
     make_pool: PoolFactory, tmp_path: Path, timeout: float | None
 ) -> None:
     """The job started a process outside the worker's process group that holds the worker's
-    socket: its end never comes when the worker dies. The supervisor ends the caller's wait."""
+    socket: its end never comes until that process is gone too (the worker's keeper kills it
+    once the worker has exited). The caller's wait ends with the worker's death."""
     pool = make_pool(workers=1)
     gate = Gate(tmp_path / "gate")
     pid_file = tmp_path / "holder.pid"
@@ -174,8 +175,10 @@ def test_a_caller_reading_a_dead_worker_kept_open_by_a_process_of_its_job_is_not
         assert not picking(pool)
         assert pool.submit(jobs.add, 1, 2).result(10) == 3
     finally:
-        holder = wait_until(lambda: pid_file.exists() and pid_file.read_text())
-        os.kill(int(holder), signal.SIGKILL)
+        holder = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder, signal.SIGKILL)
+    assert_gone([holder])
 
 
 def test_a_caller_that_stops_waiting_leaves_the_reply_to_the_supervisor(

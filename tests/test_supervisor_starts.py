@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
-from multiprocessing.context import ForkServerProcess, SpawnProcess
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import jobs
-from conftest import PoolFactory, wait_until, worker_pids
-from corral import WorkerStartError
+from conftest import PoolFactory, busy_pids, wait_until, worker_pids
+from corral import JobTimeoutError, Pool, WorkerDiedError, WorkerStartError
+from corral._pool import _launch
+from test_pool_batches import Gate
 
 
 class FailingStarts:
@@ -22,8 +27,7 @@ class FailingStarts:
     does when the parent is out of descriptors."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, start_method: str) -> None:
-        cls = ForkServerProcess if start_method == "forkserver" else SpawnProcess
-        original: Callable[[Any], Any] = cls._Popen
+        original: Callable[[Any], Any] = _launch.launch  # what process.start() calls
         self.lock = threading.Lock()
         self.left = 0
         self.failed = 0
@@ -38,7 +42,7 @@ class FailingStarts:
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
             return original(process)
 
-        monkeypatch.setattr(cls, "_Popen", staticmethod(popen))
+        monkeypatch.setattr(_launch, "launch", popen)
 
     def fail(self, count: int) -> None:
         with self.lock:
@@ -87,3 +91,100 @@ def test_starts_that_keep_failing_back_off_fail_the_jobs_and_recover(
     # The next retry (after at most 10 s) starts a worker, and jobs run again.
     wait_until(lambda: pool.wait_ready(0), timeout=30, what="a worker to start again")
     assert pool.submit(jobs.add, 2, 2).result(20) == 4
+
+
+def fork_server(pool: Pool) -> psutil.Process:
+    """The process that starts ``pool``'s workers."""
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    server = _launch._servers[supervisor.context.executes].process
+    assert server is not None
+    return psutil.Process(server.pid)
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_stuck_process_that_starts_workers_stalls_neither_supervision_nor_callers(
+    make_pool: PoolFactory,
+) -> None:
+    pool = make_pool(workers=2, kill_grace=0.1, start_timeout=8)
+    server = fork_server(pool)
+    server.suspend()  # SIGSTOP: every start now waits on it
+    try:
+        # A crash: its outcome comes, though its replacement cannot start.
+        with pytest.raises(WorkerDiedError, match="exit code 3"):
+            pool.submit(jobs.hard_exit, 3).result(10)
+        # The other worker idles: submit writes the job to it, and its caller reads the reply.
+        began = time.monotonic()
+        future = pool.submit(jobs.add, 1, 2)
+        assert time.monotonic() - began < 0.5
+        assert future.result(timeout=2) == 3
+        assert time.monotonic() - began < 3
+        # A 1-s timeout is reported long before the job's natural end.
+        began = time.monotonic()
+        with pytest.raises(JobTimeoutError):
+            pool.submit(jobs.sleep, 60, timeout=1).result(30)
+        assert time.monotonic() - began < 6
+        # No worker is left: result(timeout=t) still returns within t.
+        waiting = pool.submit(jobs.add, 2, 2)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            waiting.result(timeout=1)
+        assert time.monotonic() - began < 2
+        # Past the start deadline the stuck process is replaced and workers start again.
+        assert waiting.result(60) == 4
+        assert gone(server)
+        assert pool.statistics().start_failures >= 1
+        wait_until(lambda: pool.wait_ready(0), timeout=30, what="both workers to start")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            server.resume()
+
+
+def test_killing_the_process_that_starts_workers_kills_no_worker(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    pool = make_pool(workers=2)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    [busy] = wait_until(lambda: busy_pids(pool), what="the job to start")
+    workers = sorted(worker_pids(pool))
+    server = fork_server(pool)
+    server.kill()
+    wait_until(lambda: gone(server), what="the process that starts workers to die")
+    gate.release()
+    assert holder.result(20) == busy  # the running job ends as it would have
+    assert sorted(worker_pids(pool)) == workers
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3
+    # A worker that dies now is reported as itself, and its replacement starts.
+    with pytest.raises(WorkerDiedError, match="exit code 5") as caught:
+        pool.submit(jobs.hard_exit, 5).result(20)
+    assert "os._exit or a native exit in the job" in str(caught.value)
+    wait_until(lambda: pool.wait_ready(0), timeout=30, what="a replacement worker")
+    assert pool.submit(jobs.add, 2, 2).result(20) == 4
+    assert pool.statistics().crashed == 1
+
+
+def test_a_worker_whose_keeper_is_killed_is_reported_as_such_not_as_its_job(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """The process that watches a worker (its keeper) is killed: the worker goes with it, and
+    its job's error says what happened instead of blaming the job."""
+    pool = make_pool(workers=1)
+    gate = Gate(tmp_path / "gate")
+    holder = pool.submit(jobs.hold, gate.path)
+    [busy] = wait_until(lambda: busy_pids(pool), what="the job to start")
+    keeper = psutil.Process(busy).parent()
+    assert keeper is not None and keeper.pid != os.getpid()
+    keeper.kill()
+    with pytest.raises(WorkerDiedError, match="the process that starts workers") as caught:
+        holder.result(20)
+    assert "in the job" not in str(caught.value)
+    assert caught.value.exitcode is None
+    wait_until(lambda: pool.wait_ready(0), timeout=30, what="a replacement worker")
+    assert pool.submit(jobs.add, 1, 2).result(20) == 3

@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from corral import _cli_ledger
+from corral import _cli_ledger, _cli_target
+from corral._cli_logging import FORMATS, LEVELS, label_pool_output
 from corral._config import SchedulerConfig
 from corral._constants import DEFAULT, EXECUTOR_KINDS
 from corral._decorator import TaskSpec, make_spec, next_run_times, registered_tasks
@@ -46,20 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         before = {spec.id for spec in registered_tasks()}
-        module = load(args.target)
-        config = _config(module, args)
-        specs = [
-            spec
-            for spec in registered_tasks()
-            if spec.is_enabled and (spec.id not in before or spec.fn.__module__ == module.__name__)
-        ]
-        specs += _config_tasks(module)
+        name, attr = _cli_target.split(args.target)
+        module = load(name)
+        held = None if attr is None else _cli_target.attribute(module, attr, args.target)
+        base = app_config(module) if attr is None else _cli_target.config_of(held, args.target)
+        config = _config(base, args)
+        specs = _cli_target.scheduler_tasks(held)
+        if specs is None:
+            specs = [
+                spec
+                for spec in registered_tasks()
+                if spec.is_enabled
+                and (spec.id not in before or spec.fn.__module__ == module.__name__)
+            ]
+            specs += _config_tasks(base)
         if not specs:
             raise UsageError(f"no @scheduler tasks found in {args.target!r}")
         if args.command == "check":
             return check(specs, config)
         return run(specs, config, args)
-    except UsageError as exc:
+    except (UsageError, _cli_target.TargetError) as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 2
 
@@ -77,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     run_ = commands.add_parser("run", help="run the tasks of a module until Ctrl-C or SIGTERM")
     check_ = commands.add_parser("check", help="validate the tasks of a module without running")
     for command in (run_, check_):
-        command.add_argument("target", help="a module name (app.tasks) or a file (app/tasks.py)")
+        command.add_argument(
+            "target",
+            help="a module name (app.tasks) or a file (app/tasks.py), optionally with :attr, "
+            "a Scheduler, a SchedulerConfig or an app holding one (app.main:app)",
+        )
         command.add_argument("--timezone", help="time zone of cron and date triggers")
     run_.add_argument("--workers", type=_positive_int, help="worker processes")
     run_.add_argument(
@@ -109,6 +120,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="print one log line per event instead of the live view",
     )
+    run_.add_argument(
+        "--log-level", choices=LEVELS, default="INFO", type=str.upper, help="default: INFO"
+    )
+    run_.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text: key=value lines; json: one object per line (then --plain by default)",
+    )
+    run_.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+        "needs corral[metrics])",
+    )
+    run_.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address to serve metrics on (default: 0.0.0.0)"
+    )
     _cli_ledger.add_commands(commands)
     return parser
 
@@ -130,6 +159,12 @@ def _positive(convert: Callable[[str], float], expected: str) -> Callable[[str],
 
 _positive_int = _positive(int, "a whole number >= 1")
 _positive_float = _positive(float, "a number of seconds > 0")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return int(text)
 
 
 def load(target: str) -> ModuleType:
@@ -157,9 +192,8 @@ def load(target: str) -> ModuleType:
         raise UsageError(f"importing {target!r} raised {type(exc).__name__}: {exc}") from None
 
 
-def _config(module: ModuleType, args: argparse.Namespace) -> SchedulerConfig:
+def _config(base: Any, args: argparse.Namespace) -> SchedulerConfig:
     """The module's app's config (see :func:`app_config`), with the command line's on top."""
-    base = app_config(module)
     if base is not None and not isinstance(base, SchedulerConfig):
         raise UsageError(f"{args.target}: scheduler_config is {base!r}, not a SchedulerConfig")
     options: dict[str, Any] = {}
@@ -198,9 +232,8 @@ def app_config(module: ModuleType) -> Any:
     return next((value for value in values if isinstance(value, SchedulerConfig)), None)
 
 
-def _config_tasks(module: ModuleType) -> list[TaskSpec]:
+def _config_tasks(base: Any) -> list[TaskSpec]:
     """The tasks a Ravyn-style config names (``tasks={"name": "module"}``)."""
-    base = app_config(module)
     if not isinstance(base, SchedulerConfig) or not getattr(base, "tasks", None):
         return []
     from corral.ravyn import task_arguments
@@ -271,38 +304,78 @@ def _resolves(reference: str) -> bool:
 
 
 def run(specs: list[TaskSpec], config: SchedulerConfig, args: argparse.Namespace) -> int:
-    """Run the scheduler until Ctrl-C, SIGTERM or ``--duration``; drain, then exit 0."""
+    """Run the scheduler until Ctrl-C, SIGTERM or ``--duration``; drain, then exit 0, or 128 +
+    the signal's number when a second signal stopped running tasks (130 for Ctrl-C)."""
+    import logging
+
+    from rich.console import Console
+
+    from corral._cli_logging import configured
     from corral._monitor import Monitor
 
-    live = sys.stdout.isatty() if args.live is None else args.live
+    text = args.log_format == "text"
+    live = sys.stdout.isatty() and text if args.live is None else args.live
+    stdout = sys.stdout
+    console = Console(file=stdout) if live else None
     scheduler = Scheduler(config, tasks=specs)
-    monitor = Monitor(scheduler, live=live)
+    monitor = Monitor(scheduler, live=live, console=console)
+    metrics = _serve_metrics(scheduler, args)
+    zone = monitor.zone
     try:
-        asyncio.run(_run(scheduler, monitor, args.duration))
+        with configured(
+            level=args.log_level, fmt=args.log_format, zone=zone, console=console, stdout=stdout
+        ):
+            if metrics is not None:
+                logging.getLogger("corral.run").info("serving metrics at %s", metrics.url)
+            return asyncio.run(_run(scheduler, monitor, args.duration, metrics))
     except CorralError as exc:
         raise UsageError(str(exc)) from None
-    return 0
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
-async def _run(scheduler: Scheduler, monitor: Any, duration: float | None) -> None:
+def _serve_metrics(scheduler: Scheduler, args: argparse.Namespace) -> Any:
+    """``--metrics-port``: the Prometheus endpoint, serving from now on (``None`` without it)."""
+    if args.metrics_port is None:
+        return None
+    try:
+        from corral.metrics import serve
+    except ImportError as exc:
+        needs = f"--metrics-port needs {exc.name}"
+        raise UsageError(f"{needs}: pip install 'corral[metrics]'") from None
+    try:
+        return serve(scheduler, args.metrics_port, args.metrics_host)
+    except OSError as exc:
+        where = f"{args.metrics_host}:{args.metrics_port}"
+        raise UsageError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+
+
+async def _run(scheduler: Scheduler, monitor: Any, duration: float | None, metrics: Any) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
+    status = 0
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
+        nonlocal signals, status
         signals += 1
         if signals == 1:
             monitor.note(f"{sig.name}: finishing running tasks (again to stop them now)")
             stop.set()
         else:
             monitor.note(f"{sig.name}: stopping running tasks now")
+            status = 128 + sig.value
             scheduler.kill_running()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await scheduler.start()
+        if scheduler.asyncz is not None:
+            label_pool_output(scheduler.asyncz.executors.values())
+        if metrics is not None:
+            metrics.collector.attach()
         async with monitor:
             try:
                 await asyncio.wait_for(stop.wait(), duration)
@@ -312,3 +385,4 @@ async def _run(scheduler: Scheduler, monitor: Any, duration: float | None) -> No
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    return status

@@ -103,6 +103,18 @@ class JobCancelledError(JobError):
     started: bool
 
 
+class JobExitError(JobError):
+    """The job raised ``SystemExit`` (``sys.exit()``), ``KeyboardInterrupt`` or another
+    exception that is not an ``Exception``; it ends that job, never the worker or the caller.
+
+    ``type_name`` names what it raised; ``exit_code`` is the code it gave ``sys.exit()`` (an
+    int, a string, or ``None``), ``None`` for anything else.
+    """
+
+    type_name: str
+    exit_code: int | str | None
+
+
 class RemoteError(CorralError):
     """A job raised an exception that could not be transported as itself.
 

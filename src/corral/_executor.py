@@ -67,6 +67,8 @@ class _Run:
     grace: float | None
     index: int = 0
     outcomes: list[TaskExecutionEvent] = field(default_factory=list)
+    submitted_at: float = 0.0
+    """When the job of the current run time was submitted (``time.monotonic()``)."""
 
 
 class ProcessExecutor(BaseExecutor):
@@ -116,6 +118,10 @@ class ProcessExecutor(BaseExecutor):
         self.claims: Claims | None = None
         """Set (before start) when fires are claimed in a database shared by replicas."""
         self._wait_warned: dict[str, float] = {}
+        self.run_observers: list[Callable[[str, JobFuture[Any], float | None], None]] = []
+        """Called at each job's outcome, on the event loop: (task id, the job's future, the
+        seconds it ran or ``None`` if it never started); ``future.queue_wait`` is how long it
+        waited for a worker. What ``corral.metrics`` measures runs with."""
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -249,6 +255,7 @@ class ProcessExecutor(BaseExecutor):
             # Reported after asyncz's TASK_SUBMITTED for this run, as asyncz does.
             self._deliver(self._finish_one, run, _missed_event(run, run_time))
             return
+        run.submitted_at = time.monotonic()
         try:
             future = pool.submit(
                 task.fn,  # type: ignore[arg-type]
@@ -275,6 +282,8 @@ class ProcessExecutor(BaseExecutor):
 
     def _on_outcome(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
         run_time = run.run_times[run.index]
+        if self.run_observers:
+            self._observe(run, future)
         self._note_start(run, run_time, future)
         error = future.exception()
         if error is None:
@@ -291,6 +300,15 @@ class ProcessExecutor(BaseExecutor):
         else:
             event = _error_event(run, run_time, error)
         self._finish_one(run, event)
+
+    def _observe(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
+        wait = getattr(future, "queue_wait", None)
+        ran = None if wait is None else max(0.0, time.monotonic() - run.submitted_at - wait)
+        for observer in list(self.run_observers):
+            try:
+                observer(run.task_id, future, ran)  # type: ignore[arg-type]
+            except Exception:
+                self._log.exception("corral: a run observer failed")
 
     def _note_start(
         self, run: _Run, run_time: datetime, future: concurrent.futures.Future[Any]

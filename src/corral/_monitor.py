@@ -1,19 +1,23 @@
-"""What ``corral run`` shows: a live view on a terminal, plain ``key=value`` lines elsewhere.
+"""What ``corral run`` shows: a live view on a terminal, log lines elsewhere.
 
 Both come from the same sources: the scheduler's events (one per run outcome), the pool's
-statistics, the tasks' next run times, and a heartbeat that measures the app loop's lag.
+statistics, the tasks' next run times, and a heartbeat that measures the app loop's lag. Without
+the view, outcomes, notes and status are records of the ``corral.run`` logger, formatted by
+``corral/_cli_logging.py`` like every other line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from asyncz.events.constants import (
     TASK_ERROR,
@@ -36,6 +40,7 @@ from corral._exceptions import (
 from corral._runtime import Scheduler
 
 _HEARTBEAT = 0.1  # seconds between heartbeats of the app loop
+_DETAIL_LIMIT = 2000  # characters of an outcome's detail kept (the view cuts to its width)
 _STATUS_EVERY = 5.0  # seconds between status lines in plain mode
 _KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (JobTimeoutError, "timed out"),
@@ -57,19 +62,30 @@ _STYLES = {
 }
 
 
+_LEVELS = {  # of an outcome's log line; the other kinds: ERROR
+    "executed": logging.INFO,
+    "missed": logging.WARNING,
+    "skipped": logging.WARNING,
+    "cancelled": logging.WARNING,
+}
+
+
 @dataclass(frozen=True)
 class Outcome:
     at: datetime
     task: str
     kind: str
     detail: str
+    traceback: str | None = None
 
 
 def outcome_of(event: Any) -> Outcome | None:
     """The outcome an asyncz event reports, or ``None`` for other events."""
     now = datetime.now(UTC)
     if event.code == TASK_EXECUTED:
-        return Outcome(now, event.task_id, "executed", _short(repr(event.return_value)))
+        value = event.return_value
+        text = value if isinstance(value, str) else repr(value)
+        return Outcome(now, event.task_id, "executed", _short(text))
     if event.code == TASK_MISSED:
         return Outcome(now, event.task_id, "missed", "started too late")
     if event.code == TASK_MAX_INSTANCES:
@@ -77,11 +93,12 @@ def outcome_of(event: Any) -> Outcome | None:
     if event.code == TASK_ERROR:
         error = event.exception
         kind = next((k for cls, k in _KINDS if isinstance(error, cls)), "failed")
-        return Outcome(now, event.task_id, kind, _short(f"{type(error).__name__}: {error}"))
+        detail = _short(f"{type(error).__name__}: {error}")
+        return Outcome(now, event.task_id, kind, detail, getattr(event, "traceback", None))
     return None
 
 
-def _short(text: str, limit: int = 90) -> str:
+def _short(text: str, limit: int = _DETAIL_LIMIT) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -97,6 +114,8 @@ class Monitor:
         self.notes: deque[str] = deque(maxlen=3)
         self.lags: deque[float] = deque(maxlen=int(10 / _HEARTBEAT))
         self.started = time.monotonic()
+        self.zone = ZoneInfo(scheduler.config.timezone)
+        self.log = logging.getLogger("corral.run")
         self._tasks: list[asyncio.Task[None]] = []
         self._view: Live | None = None
 
@@ -108,17 +127,26 @@ class Monitor:
             return
         self.outcomes.append(outcome)
         if not self.live:
-            self._line(
-                "outcome",
-                task=outcome.task,
-                kind=outcome.kind.replace(" ", "_"),
-                detail=outcome.detail,
+            self.log.log(
+                _LEVELS.get(outcome.kind, logging.ERROR),
+                "%s: %s",
+                outcome.kind,
+                outcome.detail,
+                extra={
+                    "corral_event": "outcome",
+                    "corral_job_label": outcome.task,
+                    "corral_fields": {
+                        "kind": outcome.kind.replace(" ", "_"),
+                        "detail": outcome.detail,
+                    },
+                    "corral_traceback": outcome.traceback,
+                },
             )
 
     def note(self, text: str) -> None:
         self.notes.append(text)
         if not self.live:
-            self._line("note", text=text)
+            self.log.info("%s", text, extra={"corral_event": "note"})
 
     # -- running --------------------------------------------------------------------------------
 
@@ -128,8 +156,13 @@ class Monitor:
             asyncz.add_listener(self.on_event)
         self._tasks.append(asyncio.ensure_future(self._heartbeat()))
         if self.live:
-            self._view = Live(
-                self.render(), console=self.console, refresh_per_second=4, transient=False
+            self._view = Live(  # the view's lines stay sys.stdout's: corral run labels them
+                self.render(),
+                console=self.console,
+                refresh_per_second=4,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
             )
             self._view.start()
             self._tasks.append(asyncio.ensure_future(self._refresh()))
@@ -182,7 +215,7 @@ class Monitor:
     def _status(self) -> None:
         stats = self.scheduler.statistics()
         last, worst = self.lag_ms()
-        fields: dict[str, Any] = {"loop_lag_ms": f"{last:.1f}", "loop_lag_max_ms": f"{worst:.1f}"}
+        fields: dict[str, Any] = {"loop_lag_ms": round(last, 1), "loop_lag_max_ms": round(worst, 1)}
         if stats is not None:
             fields.update(
                 workers=len(stats.workers),
@@ -193,8 +226,11 @@ class Monitor:
                 timed_out=stats.timed_out,
                 crashed=stats.crashed,
                 memory_exceeded=stats.memory_exceeded,
+                missed=stats.missed,
+                cancelled=stats.cancelled,
                 recycled=stats.recycled,
                 restarts=stats.restarts,
+                start_failures=stats.start_failures,
             )
         cluster = self.scheduler.cluster_statistics()
         if cluster is not None:
@@ -209,15 +245,12 @@ class Monitor:
                 dask_crashed=cluster.crashed,
                 dask_unavailable=cluster.unavailable,
             )
-        self._line("status", **fields)
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        self.log.info("status: %s", text, extra={"corral_event": "status", "corral_fields": fields})
 
-    def _line(self, kind: str, /, **fields: Any) -> None:
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-        parts = [f"time={stamp}", f"event={kind}"]
-        for key, value in fields.items():
-            text = str(value)
-            parts.append(f"{key}={text!r}" if " " in text or not text else f"{key}={text}")
-        print(" ".join(parts), flush=True)
+    def _clock(self, moment: datetime) -> str:
+        """A time of day in the scheduler's time zone, with the zone's name."""
+        return moment.astimezone(self.zone).strftime("%H:%M:%S %Z")
 
     def render(self) -> Group:
         """The live view: workers, recent outcomes, next runs, and the loop's lag."""
@@ -246,24 +279,27 @@ class Monitor:
                     w.state,
                     w.job_label or "",
                     "" if w.running_for is None else f"{w.running_for:.1f}s",
-                    "" if w.rss is None else f"{w.rss / 2**20:.0f} MiB",
+                    "" if w.rss is None else size(w.rss),
                     str(w.jobs_done),
                 )
             counters = Text(
                 f"completed {stats.completed}  failed {stats.failed}  timed out "
                 f"{stats.timed_out}  crashed {stats.crashed}  memory {stats.memory_exceeded}  "
-                f"recycled {stats.recycled}  restarts {stats.restarts}  queued {stats.queued}"
+                f"missed {stats.missed}  cancelled {stats.cancelled}  recycled {stats.recycled}  "
+                f"restarts {stats.restarts}  start failures {stats.start_failures}  "
+                f"queued {stats.queued}"
             )
         elif self.scheduler.cluster_statistics() is not None:
             counters = Text("no local worker pool (tasks run on the Dask cluster)")
         else:
             counters = Text("no worker pool (thread or asyncio executor)")
-        outcomes = Table(
-            "when", "task", "outcome", "detail", title="Recent outcomes", title_justify="left"
-        )
+        outcomes = Table(title="Recent outcomes", title_justify="left", expand=True)
+        for column in ("when", "task", "outcome"):
+            outcomes.add_column(column, no_wrap=True)
+        outcomes.add_column("detail", no_wrap=True, overflow="ellipsis", ratio=1)
         for outcome in reversed(self.outcomes):
             outcomes.add_row(
-                outcome.at.strftime("%H:%M:%S"),
+                self._clock(outcome.at),
                 outcome.task,
                 Text(outcome.kind, style=_STYLES.get(outcome.kind, "")),
                 outcome.detail,
@@ -272,9 +308,7 @@ class Monitor:
         now = datetime.now(UTC)
         runs = [(t.next_run_time, str(t.id)) for t in self.scheduler.tasks() if t.next_run_time]
         for due, task_id in sorted(runs):
-            upcoming.add_row(
-                task_id, due.strftime("%H:%M:%S"), f"{(due - now).total_seconds():.0f}s"
-            )
+            upcoming.add_row(task_id, self._clock(due), f"{(due - now).total_seconds():.0f}s")
         notes = Text("\n".join(self.notes), style="bold yellow")
         cluster = self._cluster_view()
         parts: list[RenderableType] = (
@@ -315,7 +349,14 @@ class Monitor:
                 "busy" if w.running else "idle",
                 ", ".join(w.running),
                 "" if w.running_for is None else f"{w.running_for:.1f}s",
-                "" if w.memory is None else f"{w.memory / 2**20:.0f} MiB",
+                "" if w.memory is None else size(w.memory),
                 str(w.runs_done),
             )
         return counters, table
+
+
+def size(amount: int) -> str:
+    """Bytes as MiB, or GiB from 1 GiB on."""
+    if amount >= 2**30:
+        return f"{amount / 2**30:.2f} GiB"
+    return f"{amount / 2**20:.0f} MiB"

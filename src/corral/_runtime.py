@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -182,7 +183,10 @@ class Scheduler:
                 self._dask_executor.shutdown(wait=False, timeout=timeout)
         await scheduler_.shutdown(wait=False)
         await asyncio.sleep(0)  # let events queued from the pool's thread reach listeners
-        await self._leave_ledger()
+        if wait:
+            await self._leave_ledger()
+        else:
+            self._leave_ledger_when_drained()
         logger.info("corral scheduler stopped")
 
     def kill_running(self) -> None:
@@ -324,6 +328,25 @@ class Scheduler:
         if claims is not None:
             await anyio.to_thread.run_sync(claims.coordinator.stop)
             self._final_ledger_statistics = claims.coordinator.statistics()
+
+    def _leave_ledger_when_drained(self) -> None:
+        """After ``shutdown(wait=False)``: record the runs still finishing, then leave."""
+        claims, self._claims = self._claims, None
+        if claims is None:
+            return
+        drains = [
+            executor._drain.finished
+            for executor in (self._process_executor, self._dask_executor)
+            if executor is not None
+        ]
+
+        def leave() -> None:
+            for finished in drains:
+                finished.wait()
+            claims.coordinator.stop()
+            self._final_ledger_statistics = claims.coordinator.statistics()
+
+        threading.Thread(target=leave, name="corral-ledger-leave").start()
 
     def ledger_statistics(self) -> LedgerStatistics | None:
         """What the ledger did for this process (claims won, taken by other replicas, ...);

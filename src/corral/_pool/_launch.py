@@ -1,22 +1,49 @@
-"""Light worker starts: a worker imports the app's ``__main__`` only when a job needs it.
+"""Starting workers: light, private, and with nothing left behind.
 
-``multiprocessing`` re-imports the parent's main module in every child it starts (and its
-forkserver imports it once more). For a web app that main module is the server and the app
-itself, so each worker would carry the whole web stack, or even run its start-up code. corral's
-workers leave it out (recognised by their process name) and load it on demand, in the worker,
-the first time a job refers to ``__main__``.
+Workers are not started by ``multiprocessing``'s own start methods, for three reasons:
+
+- *Private.* Its forkserver listens on a Unix socket that any process of the same user can
+  connect to and have it run code (no authentication before Python 3.14). corral's fork server
+  (``_keeper.serve``) is reached over a socket pair only the app holds: nothing listens.
+- *Nothing left behind.* Each worker runs below a keeper that kills whatever the job left when
+  the worker ends, and the worker itself when the app dies, whatever state the worker is in
+  (see ``_keeper``).
+- *Light.* ``multiprocessing`` re-imports the parent's main module in every child it starts (and
+  its forkserver imports it once more). For a web app that main module is the server and the app
+  itself. corral's workers load it only when a job refers to ``__main__`` (``load_parent_main``).
+
+``context(start_method, preload)`` gives the supervisor an object with a ``Process`` class like
+``multiprocessing``'s (a ``BaseProcess``: ``start``, ``pid``, ``sentinel``, ``join``,
+``exitcode``, ``close``), whose ``start`` asks the fork server for the worker. With
+``"forkserver"`` the server has imported the worker's module (and the pool's ``preload``
+modules) and workers are forks of it; with ``"spawn"`` each worker executes a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.spawn
+import os
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
+
+from corral._pool import _keeper
 
 WORKER_NAME_PREFIX = "corral-worker:"
 _MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
 _original = multiprocessing.spawn.get_preparation_data
 _installed = False
+_START_TIMEOUT = 60.0  # seconds the fork server may take to say a worker's pid
 
 
 def _preparation_data(name: str) -> dict[str, Any]:
@@ -28,7 +55,9 @@ def _preparation_data(name: str) -> dict[str, Any]:
 
 
 def install() -> None:
-    """Route the stdlib's preparation of child processes through :func:`_preparation_data`."""
+    """For a worker started with ``multiprocessing`` itself (as a test may do): route the
+    stdlib's preparation of child processes through :func:`_preparation_data`, which leaves the
+    app's ``__main__`` out of processes named with ``WORKER_NAME_PREFIX``."""
     global _installed
     if not _installed:
         multiprocessing.spawn.get_preparation_data = _preparation_data
@@ -44,17 +73,6 @@ def parent_main() -> tuple[str, str] | None:
     return None
 
 
-def prefer_light_forkserver(preload: tuple[str, ...] = ()) -> None:
-    """Have a forkserver that is not running yet preload only the worker's module (and the
-    pool's ``preload`` modules, but never the app's ``__main__``)."""
-    context = multiprocessing.get_context("forkserver")
-    from multiprocessing import forkserver
-
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
-        modules = ["corral._pool._worker", *(m for m in preload if m != "__main__")]
-        context.set_forkserver_preload(modules)
-
-
 def load_parent_main(main: tuple[str, str] | None) -> None:
     """In a worker: make ``__main__`` the parent's main module, as multiprocessing would."""
     if main is None:
@@ -64,3 +82,339 @@ def load_parent_main(main: tuple[str, str] | None) -> None:
         multiprocessing.spawn._fixup_main_from_path(value)  # type: ignore[attr-defined]
     else:
         multiprocessing.spawn._fixup_main_from_name(value)  # type: ignore[attr-defined]
+
+
+# -- the app's side --------------------------------------------------------------------------------
+
+
+class Context:
+    """What the supervisor starts its workers with (``Context.Process`` as in
+    ``multiprocessing``)."""
+
+    def __init__(self, start_method: str, preload: tuple[str, ...] = ()) -> None:
+        self.start_method = start_method
+        self.executes = start_method == "spawn"
+        self.preload = tuple(m for m in preload if m != "__main__")
+
+    def Process(
+        self,
+        target: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> WorkerProcess:
+        process = WorkerProcess(target=target, args=args, kwargs=kwargs or {}, name=name)
+        process.executes = self.executes
+        process.preload = self.preload
+        return process
+
+
+def context(start_method: str, preload: tuple[str, ...] = ()) -> Context:
+    return Context(start_method, preload)
+
+
+class WorkerProcess(BaseProcess):
+    """A worker process started by corral's fork server (see the module's docstring)."""
+
+    executes = False  # a fresh interpreter ("spawn"), or a fork of the server ("forkserver")
+    preload: tuple[str, ...] = ()  # what a fork server started for it imports first
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return launch(process_obj)
+
+
+def launch(process: WorkerProcess) -> Launched:
+    """Start ``process`` (``BaseProcess.start`` calls this); raises OSError if it cannot."""
+    return Launched(process)
+
+
+class Launched:
+    """A started worker, as ``BaseProcess`` expects its ``_popen`` to be: its pid, a sentinel
+    that becomes readable when it has exited (and everything it started is gone), its exit code.
+
+    The sentinel is the read end of the status pipe its keeper writes to: the worker's pid at
+    once, its exit code at its end (``_keeper.STATUS``; a negative one names the signal that
+    killed it)."""
+
+    method = "corral"
+
+    def __init__(self, process: WorkerProcess) -> None:
+        self.returncode: int | None = None
+        self.lost = False  # its keeper ended without a word: how the worker ended is unknown
+        executes = process.executes
+        fds: list[int] = []
+        args = []
+        for arg in process._args:  # type: ignore[attr-defined]
+            if isinstance(arg, Connection):
+                args.append(_keeper.Descriptor(len(fds)))
+                fds.append(arg.fileno())
+            else:
+                args.append(arg)
+        call = pickle.dumps(
+            (process._target, tuple(args), process._kwargs),  # type: ignore[attr-defined]
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        payload = pickle.dumps((executes, _preparation(process.name, executes), call))
+        status_r, status_w = os.pipe()
+        try:
+            _server(executes).request(payload, [status_w, *fds], process.preload)
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        self.sentinel = status_r
+        try:
+            self.pid, self.keeper = _read_pids(status_r)
+        except BaseException:
+            os.close(status_r)
+            self.sentinel = -1
+            raise
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        return self.wait(0 if flag == os.WNOHANG else None)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.returncode is None and self.sentinel >= 0:
+            if not select.select([self.sentinel], [], [], timeout)[0]:
+                return None
+            try:
+                data = os.read(self.sentinel, _keeper.STATUS.size)
+            except OSError:
+                data = b""
+            if len(data) == _keeper.STATUS.size:
+                (self.returncode,) = _keeper.STATUS.unpack(data)
+            else:  # its keeper ended without a word (killed by someone)
+                self.returncode = _keeper.UNKNOWN_STATUS
+                self.lost = True
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(15)
+
+    def kill(self) -> None:
+        self._signal(9)
+
+    def _signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signum)
+
+    def close(self) -> None:
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+
+def _read_pids(status_r: int) -> tuple[int, int]:
+    """The worker's pid and its keeper's, as the keeper writes them."""
+    data = b""
+    while len(data) < _keeper.PID.size:
+        if not select.select([status_r], [], [], _START_TIMEOUT)[0]:
+            raise OSError(f"corral's fork server did not start a worker in {_START_TIMEOUT:.0f}s")
+        more = os.read(status_r, _keeper.PID.size - len(data))
+        if not more:
+            raise OSError("corral's fork server could not start a worker process")
+        data += more
+    pid, keeper = _keeper.PID.unpack(data)
+    return int(pid), int(keeper)
+
+
+def _preparation(name: str | None, executes: bool) -> dict[str, Any]:
+    """What a worker takes from the app when it starts (``_keeper.prepare``)."""
+    prep: dict[str, Any] = {
+        "name": name,
+        "sys_path": list(sys.path),
+        "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "authkey": bytes(multiprocessing.current_process().authkey),
+    }
+    if executes:  # a fresh interpreter: as the app's, with the app's environment now
+        prep["executable"] = multiprocessing.spawn.get_executable()
+        prep["flags"] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+        prep["env"] = dict(os.environ)
+    return prep
+
+
+class _Server:
+    """The app's end of one fork server, started on first use and again if it has gone.
+
+    One serves every pool of a start method: a forking one imports the worker's module and the
+    ``preload`` modules of the pool that started it (a worker imports its own pool's anyway).
+    """
+
+    def __init__(self, executes: bool) -> None:
+        self.executes = executes
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.alive_w = -1
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def request(self, payload: bytes, fds: list[int], preload: tuple[str, ...]) -> None:
+        """Ask for a worker; the descriptors go with the request."""
+        head = _keeper.HEAD.pack(len(payload), len(fds))
+        with self.lock:
+            for attempt in range(2):
+                if self.sock is None:
+                    self._start(() if self.executes else ("corral._pool._worker", *preload))
+                assert self.sock is not None
+                try:
+                    socket.send_fds(self.sock, [head], fds)
+                    self.sock.sendall(payload)
+                    return
+                except OSError:
+                    self._forget()  # it has gone: start another one
+                    if attempt:
+                        raise
+
+    def _start(self, modules: tuple[str, ...]) -> None:
+        ours, theirs = socket.socketpair()
+        alive_r, self.alive_w = os.pipe()
+        code = (
+            f"import sys; sys.path[:] = {sys.path!r}; "
+            f"from corral._pool._keeper import serve; "
+            f"serve({theirs.fileno()}, {alive_r}, {os.getpid()}, {list(modules)!r})"
+        )
+        executable = multiprocessing.spawn.get_executable()
+        flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+        try:
+            self.process = subprocess.Popen(
+                [executable, *flags, "-c", code],
+                pass_fds=(theirs.fileno(), alive_r),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # out of reach of the terminal's Ctrl-C
+            )
+        except BaseException:
+            ours.close()
+            os.close(self.alive_w)
+            raise
+        finally:
+            theirs.close()
+            os.close(alive_r)
+        self.sock = ours
+
+    def _forget(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            os.close(self.alive_w)
+            self.sock = None
+        if self.process is not None:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.process.poll()  # reaped when it has ended
+            self.process = None
+
+    def stop(self) -> None:
+        """Close the app's end (the server then kills what is left below it, and exits) and
+        reap it."""
+        with self.lock:
+            process = self.process
+            if self.sock is not None:
+                self.sock.close()
+                os.close(self.alive_w)
+                self.sock = None
+            self.process = None
+        if process is not None:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+_servers: dict[bool, _Server] = {}
+_servers_lock = threading.Lock()
+
+
+def _server(executes: bool) -> _Server:
+    with _servers_lock:
+        server = _servers.get(executes)
+        if server is None:
+            server = _servers[executes] = _Server(executes)
+        return server
+
+
+@atexit.register
+def _stop_servers() -> None:
+    """At interpreter exit (after the pools, whose hook was registered later and so runs
+    first): stop the fork servers."""
+    for server in list(_servers.values()):
+        server.stop()
+
+
+def restart_server(context: Context) -> None:
+    """Kill the fork server that starts ``context``'s workers: it is stuck (a start took longer
+    than it may). The starts waiting on it fail at once, and the next start starts a new one;
+    the workers it started live on below their keepers."""
+    with _servers_lock:
+        server = _servers.get(context.executes)
+    process = None if server is None else server.process
+    if process is not None:
+        with contextlib.suppress(OSError):
+            process.kill()
+
+
+# -- the memory of a job's processes ---------------------------------------------------------------
+
+
+def job_memory(process: BaseProcess) -> int | None:
+    """The memory the job running in ``process`` holds, in bytes: the worker's RSS while it runs
+    alone; once processes it started run below it (or below its keeper, which adopts those whose
+    parent ended), the sum of their PSS and the worker's (a page they share counts once)."""
+    pid = process.pid
+    if pid is None:
+        return None
+    popen = getattr(process, "_popen", None)
+    root = popen.keeper if isinstance(popen, Launched) else pid
+    members = _tree.below(root)
+    if root == pid:
+        members.append(pid)
+    if len(members) <= 1:
+        return _rss(pid)
+    return sum(_pss(member) or _rss(member) or 0 for member in members) or None
+
+
+class _Tree:
+    """Which processes each worker has below it, from one shared scan of ``/proc`` at most every
+    ``max_age`` seconds (a scan costs about 30 microseconds a process on the machine)."""
+
+    max_age = 0.5
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.children: dict[int, list[int]] = {}
+        self.scanned = -1.0
+
+    def below(self, pid: int) -> list[int]:
+        """Every process below ``pid`` (as of the last scan)."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self.scanned > self.max_age:
+                self.children = _keeper.children_map()
+                self.scanned = now
+            children = self.children
+        return _keeper.descendants(pid, children)
+
+
+_tree = _Tree()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

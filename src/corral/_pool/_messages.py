@@ -21,6 +21,15 @@ it received them, one at a time, and reports each before it starts the next):
 
 Values travel pickled on their own, so a value that fails to unpickle in the parent never hides
 which job it belongs to.
+
+Only the worker process itself writes frames. A process a job forks inherits the socket (and the
+worker's ``sys.stdout``, ``sys.stderr`` and log handler), but never writes to it: its output and
+log records go to its own stdout and stderr as plain text, so that its writes cannot cut into the
+worker's frames.
+
+Bytes that are not frames of this protocol (a length over the limit the parent sets, a message
+that does not decode, an unknown tag) cost the worker that sent them: the parent kills it and its
+job fails with a ``WorkerDiedError`` that says so (``ProtocolError`` here).
 """
 
 from __future__ import annotations
@@ -65,10 +74,21 @@ def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
     return frame(head + body)
 
 
-def frames(inbox: bytearray, data: bytes) -> list[bytes]:
+class ProtocolError(Exception):
+    """Bytes that are not a message of this protocol (the sender is broken or not ours)."""
+
+
+NO_LIMIT = 1 << 62
+
+
+def frames(inbox: bytearray, data: bytes, limit: int = NO_LIMIT) -> list[bytes]:
     """The whole frames in what ``inbox`` held followed by ``data``; a partial frame at the end
     stays in ``inbox``. (Most reads bring whole frames to an empty inbox: nothing is copied
-    into it then.)"""
+    into it then.)
+
+    Raises ``ProtocolError`` for a length that no frame has (negative, or over ``limit``): the
+    frames before it are lost with it, and nothing after it can be trusted.
+    """
     buffer: bytes | bytearray = data
     if inbox:
         inbox += data
@@ -83,6 +103,8 @@ def frames(inbox: bytearray, data: bytes) -> list[bytes]:
                 break
             (size,) = _LONG_HEADER.unpack_from(buffer, start)
             start += _LONG_HEADER.size
+        if not 0 <= size <= limit:
+            raise ProtocolError(f"a frame length of {size} bytes (the limit is {limit})")
         if end - start < size:
             break
         found.append(bytes(buffer[start : start + size]))

@@ -6,7 +6,6 @@ import asyncio
 import atexit
 import contextlib
 import itertools
-import multiprocessing
 import pickle
 import sys
 import threading
@@ -20,6 +19,7 @@ import anyio.to_thread
 
 from corral._constants import DEFAULT
 from corral._exceptions import PoolNotRunningError, SerializationError
+from corral._pool import _launch
 from corral._pool._messages import job_frame
 from corral._pool._refs import reference_of
 from corral._pool._settings import PoolSettings
@@ -73,11 +73,7 @@ class Pool:
                         f"pool {self.name!r} was shut down and cannot start again; make a new pool"
                     )
                 return
-            context = (
-                multiprocessing.get_context("spawn")
-                if self.settings.start_method == "spawn"
-                else multiprocessing.get_context("forkserver")
-            )
+            context = _launch.context(self.settings.start_method, self.settings.preload)
             self._supervisor = Supervisor(self.settings, context, self.name)
             self._supervisor.start()
             _live_pools.add(self)

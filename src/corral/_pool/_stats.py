@@ -48,6 +48,13 @@ class PoolStatistics:
     running: int
     waited: int = 0
     """Jobs that waited more than a second for a worker (the pool was busy or starting)."""
+    output_dropped: int = 0
+    """Characters of jobs' output that never reached the app's ``sys.stdout``/``sys.stderr``:
+    they were broken (a closed pipe) or so slow that the output waiting for them passed its
+    bound (a pipe nobody reads)."""
+    logs_dropped: int = 0
+    """Log records of jobs that never reached the app's handlers (one raised, or they were so
+    slow that the records waiting for them passed their bound)."""
 
     @property
     def finished(self) -> int:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import heapq
 import itertools
 import logging
 import math
@@ -48,7 +47,6 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -56,7 +54,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
@@ -79,8 +76,10 @@ from corral._exceptions import (
 )
 from corral._pool import _launch
 from corral._pool import _messages as msg
+from corral._pool._outlet import Outlet
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics, WorkerState, WorkerStatistics
+from corral._pool._timers import Timer, Timers
 from corral._pool._worker import worker_main
 
 logger = logging.getLogger("corral.pool")
@@ -93,9 +92,12 @@ _BATCH_BYTES = 1 << 16  # nor more than this many bytes of them
 _BATCH_FRAME = 1 << 14  # a bigger job only goes to an idle worker
 WAIT_WARNING = 1.0  # seconds a job may wait for a worker before it counts as waiting long
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
+_FRAME_SLACK = 1 << 20  # room in a reply frame beyond max_result_size (header, traceback)
+_LAUNCH_DEADLINE = 10.0  # seconds a process start may take (at most start_timeout) until abandoned
 
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 
 class JobFuture(Future[_T]):
@@ -115,12 +117,31 @@ class JobFuture(Future[_T]):
         # Called once a worker starts the job, on whichever thread starts it: must not block.
         self.on_start: Callable[[JobFuture[Any]], None] | None = None
         self._pickup: tuple[Supervisor, Job] | None = None  # set when submit wrote the job itself
+        self._output: tuple[Outlet, int] | None = None  # output to hand on before its outcome
 
     def result(self, timeout: float | None = None) -> _T:
-        return super().result(self._pick_up(timeout))
+        began = None if timeout is None else time.monotonic()
+        try:
+            return super().result(self._pick_up(timeout))
+        finally:
+            if self._output is not None:
+                self._await_output(began, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._pick_up(timeout))
+        began = None if timeout is None else time.monotonic()
+        try:
+            return super().exception(self._pick_up(timeout))
+        finally:
+            if self._output is not None:
+                self._await_output(began, timeout)
+
+    def _await_output(self, began: float | None, timeout: float | None) -> None:
+        """The job's output and log records, queued before its outcome, reach the app first
+        (within ``timeout``, and unless the app's streams are stuck: see ``Outlet.wait``)."""
+        output = self._output
+        if output is not None and self.done():
+            deadline = None if began is None or timeout is None else began + timeout
+            output[0].wait(output[1], deadline)
 
     def _pick_up(self, timeout: float | None) -> float | None:
         """Read the reply on this thread if it may; return what is left of ``timeout``."""
@@ -148,6 +169,7 @@ class Job:
     done: bool = False
     worker: _Worker | None = None  # the worker it was sent to, until its outcome or its return
     recalling: bool = False  # a recall was sent for it
+    deadline: Timer[Job] | None = None  # its start deadline's timer, while it has not ended
     cancel_requested: bool = False
 
 
@@ -165,6 +187,8 @@ class _Worker:
     writing: bool = False  # a submitting thread is writing a job to it (``_send_now``)
     outbox: bytearray = field(default_factory=bytearray)  # written when its socket has room
     job_started: float = 0.0
+    recalled: bool = False  # jobs were taken back from behind its head: send it no more
+    timeout: Timer[Callable[[], None]] | None = None  # its head's timeout
     jobs_done: int = 0
     kill_error: JobError | None = None
     start_error: str | None = None
@@ -181,6 +205,16 @@ class _Worker:
         self.fd = self.sock.fileno()
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
+
+
+@dataclass(eq=False)
+class _Launch:
+    """A worker process being started on a starter thread."""
+
+    token: int
+    began: float
+    abandoned: bool = False  # no longer wanted: its thread disposes of what it starts
+    timer: Timer[Callable[[], None]] | None = None  # its deadline
 
 
 @dataclass
@@ -213,7 +247,7 @@ class Supervisor:
     """Runs the workers of one pool: dispatch, deadlines, deaths, replacement, shutdown."""
 
     def __init__(
-        self, settings: PoolSettings, context: ForkServerContext | SpawnContext, name: str
+        self, settings: PoolSettings, context: _launch.Context, name: str
     ) -> None:
         self.settings = settings
         self.context = context
@@ -241,17 +275,22 @@ class Supervisor:
         self._waiting = 0  # jobs sent to workers behind their heads, not started
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._deadlines: list[tuple[float, int, Job]] = []  # start deadlines (a heap)
-        self._timer_seq = itertools.count()
+        self._timers: Timers[Callable[[], None]] = Timers()  # what to do when, jobs not kept
+        self._deadlines: Timers[Job] = Timers()  # start deadlines, cancelled when a job ends
         self._closing = False
         self._first_starts_left = settings.workers
+        self._launches: dict[int, _Launch] = {}  # starts under way, on starter threads
+        self._launch_ids = itertools.count(1)
         self._memory_watch_armed = False
         self._failures_in_row = 0
         self._next_start_at = 0.0
         self._top_up_armed = False
         self._start_error: WorkerStartError | None = None
         self._groups_to_kill: set[int] = set()
+        self.outlet = Outlet(name)  # hands jobs' output and log records to the app
+        # The longest frame a worker may send: a result of max_result_size and what goes with it.
+        limit = settings.max_result_size
+        self._frame_limit = msg.NO_LIMIT if limit is None else int(limit) + _FRAME_SLACK
         self._options = msg.WorkerOptions(
             initializer=settings.initializer_reference,
             initargs_bytes=pickle.dumps(settings.initargs),
@@ -262,9 +301,6 @@ class Supervisor:
             max_result_size=settings.max_result_size,  # type: ignore[arg-type]
             preload=settings.preload,
         )
-        _launch.install()
-        if settings.start_method == "forkserver":
-            _launch.prefer_light_forkserver(settings.preload)
         self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
 
     # -- called from any thread ---------------------------------------------------------------
@@ -400,6 +436,8 @@ class Supervisor:
             restarts=c.restarts,
             start_failures=c.start_failures,
             waited=c.waited,
+            output_dropped=self.outlet.output_dropped,
+            logs_dropped=self.outlet.logs_dropped,
             queued=c.queued + len(self.incoming) + self._waiting,
             running=sum(1 for w in workers if w.job_id is not None),
         )
@@ -435,7 +473,8 @@ class Supervisor:
         """
         if self._owner == threading.get_ident():
             return  # a done-callback run while this thread handles replies: it cannot wait here
-        self._hold()
+        if not self._hold(deadline):
+            return  # the state is busy past the caller's deadline (it never is for long)
         try:
             worker = job.worker
             if (
@@ -496,9 +535,14 @@ class Supervisor:
 
     # -- the supervisor thread ----------------------------------------------------------------
 
-    def _hold(self) -> None:
-        self.state_lock.acquire()
+    def _hold(self, deadline: float | None = None) -> bool:
+        """Take ``state_lock``, waiting no later than ``deadline`` (``time.monotonic()``)."""
+        if deadline is None:
+            self.state_lock.acquire()
+        elif not self.state_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
         self._owner = threading.get_ident()
+        return True
 
     def _let_go(self) -> None:
         self._owner = None
@@ -543,6 +587,7 @@ class Supervisor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self.finished.set()
+            self.outlet.close()
             self._let_go()
 
     def _on_wake(self, mask: int = 0) -> None:
@@ -564,11 +609,7 @@ class Supervisor:
             self.counters.queued += len(jobs)
         for job in jobs:
             if job.start_by is not None:
-                heapq.heappush(self._deadlines, (job.start_by, job.id, job))
-        if len(self._deadlines) > 2 * (self.counters.queued + self._waiting) + 1024:
-            # Drop the deadlines of jobs already over, so that they are not kept until then.
-            self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
-            heapq.heapify(self._deadlines)
+                job.deadline = self._deadlines.arm(job.start_by, job)
         self._queue.extend(jobs)
         for command in commands:
             command()
@@ -587,6 +628,14 @@ class Supervisor:
             while (job := self._take_queued()) is not None:
                 self._resolve(job, self._start_error, "failed")
             return
+        if self._idle and self._waiting and not self._queue:
+            # Nothing queued and a worker idles: take back the jobs waiting behind others.
+            for worker in list(self._workers.values()):
+                waiting = [job for job in worker.waiting.values() if not job.recalling]
+                if waiting:
+                    self._recall(worker, waiting)
+                elif worker.waiting:
+                    self._steal(worker)
         while self._idle and self._queue:
             with self.lock:  # submitters take idle workers too
                 if not self._idle:
@@ -604,14 +653,8 @@ class Supervisor:
                 share = self.counters.queued + sum(len(w.waiting) for w in busy)
                 depth = min(_BATCH_JOBS, -(-share // len(busy)))
                 for worker in busy:
-                    if self._queue:
+                    if self._queue and not worker.recalled:
                         self._send(worker, depth - len(worker.waiting))
-        elif self._idle and self._waiting:
-            # Nothing queued and a worker idles: take back the jobs waiting behind others.
-            for worker in self._workers.values():
-                waiting = [job for job in worker.waiting.values() if not job.recalling]
-                if waiting:
-                    self._recall(worker, waiting)
 
     def _send(self, worker: _Worker, count: int) -> None:
         """Send ``worker`` up to ``count`` queued jobs in one write (first the head, if idle)."""
@@ -633,7 +676,7 @@ class Supervisor:
                 break
             self._take_queued()
             if not job.running and not job.future.set_running_or_notify_cancel():
-                job.done = True
+                self._finish(job)
                 self.counters.cancelled += 1
                 continue
             job.running = True
@@ -668,6 +711,7 @@ class Supervisor:
             self._arm(worker, job, now)
 
     def _mark_head(self, worker: _Worker, job: Job) -> float:
+        worker.recalled = False
         worker.job_started = now = time.monotonic()
         worker.state = "busy"
         worker.job = job
@@ -689,7 +733,8 @@ class Supervisor:
             return  # over already
         if job.timeout is not None:
             when = started + job.timeout
-            self._at(when, functools.partial(self._on_timeout, worker, job, started))
+            # The timer keeps the worker, not the job: a job over before it fires is not kept.
+            worker.timeout = self._at(when, functools.partial(self._on_timeout, worker, started))
         if self.settings.max_memory is not None and not self._memory_watch_armed:
             self._memory_watch_armed = True
             self._at(started + self.settings.memory_check_interval, self._check_memory)
@@ -697,6 +742,8 @@ class Supervisor:
     def _next_head(self, worker: _Worker) -> None:
         """``worker``'s head is finished: the next waiting job is its head, or it is idle."""
         worker.job = None
+        self._timers.cancel(worker.timeout)
+        worker.timeout = None
         if worker.state != "busy":
             return  # being killed or stopped: its death or exit finishes it
         if worker.waiting:
@@ -744,9 +791,39 @@ class Supervisor:
         """Ask ``worker`` to give back these waiting jobs if it has not started them."""
         for job in jobs:
             job.recalling = True
+        worker.recalled = True
         message = msg.frame(msg.RECALL + pickle.dumps([job.id for job in jobs]))
-        with contextlib.suppress(OSError):  # it died: its death returns them
+        try:
             self._write(worker, message)
+        except OSError:
+            return  # it died: its death returns them
+        self._steal(worker)
+
+    def _steal(self, worker: _Worker) -> None:
+        """Take back the recalled jobs waiting in ``worker`` now, without its answer, if it
+        cannot have started them: it will not, once its recall has reached it.
+
+        A worker reports its head before it starts the next job, and reads what came to its
+        socket (the recall) before it starts a job that waits in it. So once every recall is
+        written and what the worker sent is read with no reply to its head among it (nor part
+        of a frame that may be one), it has not started the jobs behind its head and never will.
+        Its answer, when it comes, finds them gone. The answer is not needed, which matters
+        when the head holds the GIL: the worker's watch thread, which answers recalls while a
+        job runs, cannot run then.
+        """
+        if worker.outbox or worker.picker or not worker.reading or worker.state != "busy":
+            return  # the recall is not all written, or another thread reads its socket
+        head = worker.job
+        while worker.reading and worker.poller.poll(0):
+            self._on_readable(worker)
+        if worker.job is not head or worker.inbox or not worker.reading:
+            return  # it may have moved on: its answer says which jobs it gave back
+        taken = []
+        for job in list(worker.waiting.values()):
+            if job.recalling:
+                self._unwait(worker, job.id)
+                taken.append(job)
+        self._return_unstarted(taken)
 
     def _on_recalled(self, worker: _Worker, job_ids: list[int]) -> None:
         returned = []
@@ -847,30 +924,52 @@ class Supervisor:
 
     def _on_data(self, worker: _Worker, data: bytes) -> None:
         """Handle what was read from ``worker``'s socket: whole frames, or its end (``b""``)."""
+        if not worker.reading:
+            return  # it broke the protocol: nothing more from it counts
         if not data:
             worker.reading = False
             self._unwatch(worker)
             return
-        for frame in msg.frames(worker.inbox, data):
-            self._on_message(worker, frame)
+        try:
+            for frame in msg.frames(worker.inbox, data, self._frame_limit):
+                self._on_message(worker, frame)
+        except msg.ProtocolError as exc:
+            self._broken(worker, str(exc))
+
+    def _broken(self, worker: _Worker, what: str) -> None:
+        """``worker`` sent bytes that are not a message: kill it (its job fails with a
+        ``WorkerDiedError`` that says so) and read nothing more from it."""
+        worker.reading = False
+        worker.inbox.clear()
+        self._unwatch(worker)
+        job = worker.job
+        doing = "while idle" if job is None else f"while running job {job.id} ({job.reference})"
+        text = f"worker {worker.pid} sent a malformed message ({what}) {doing}; it was killed"
+        logger.error("pool %r: %s", self.name, text)
+        error = None
+        if job is not None:
+            error = WorkerDiedError(text, job_id=job.id, pid=worker.pid, exitcode=None)
+        self._kill(worker, error, graceful=False)
 
     def _on_message(self, worker: _Worker, frame: bytes) -> None:
         tag = frame[:1]
         if tag in (msg.RETURNED, msg.RAISED, msg.MISSED):
             self._on_reply(worker, tag, frame)
         elif tag == msg.LOG:
-            self._emit_log(worker, pickle.loads(frame[1:]))
+            self._emit_log(worker, _decode(frame, dict))
         elif tag == msg.OUTPUT:
-            name, text = pickle.loads(frame[1:])
-            stream = sys.stdout if name == "stdout" else sys.stderr
-            stream.write(text)
-            stream.flush()
+            name, text = _decode(frame, tuple)
+            if not isinstance(text, str):
+                raise msg.ProtocolError("an OUTPUT message without text")
+            self.outlet.output(name, text)
         elif tag == msg.RECALLED:
-            self._on_recalled(worker, pickle.loads(frame[1:]))
+            self._on_recalled(worker, _decode(frame, list))
         elif tag == msg.READY:
             self._on_ready(worker)
         elif tag == msg.INIT_FAILED:
             worker.start_error = f"its initializer raised:\n{frame[1:].decode(errors='replace')}"
+        else:
+            raise msg.ProtocolError(f"a message with the unknown tag {tag!r}")
 
     def _on_ready(self, worker: _Worker) -> None:
         if worker.state != "starting":
@@ -884,17 +983,20 @@ class Supervisor:
             self._make_idle(worker)
 
     def _on_reply(self, worker: _Worker, tag: bytes, frame: bytes) -> None:
+        if len(frame) < msg.ID_HEAD.size:
+            raise msg.ProtocolError(f"a reply of {len(frame)} bytes, too short to name its job")
         _, job_id = msg.ID_HEAD.unpack_from(frame)
         body = frame[msg.ID_HEAD.size :]
         job = worker.job
         if job is None or job.id != job_id:
             return  # not this worker's head: it was already given an outcome
+        report = _exception_report(frame) if tag == msg.RAISED else None
         worker.jobs_done += 1
         self._next_head(worker)  # first: a caller woken by this outcome finds the worker idle
         if tag == msg.RETURNED:
             try:
                 value = pickle.loads(body)
-            except Exception as exc:
+            except BaseException as exc:  # whatever its classes raise when rebuilt
                 error = SerializationError(
                     f"the result of job {job.id} ({job.reference}) could not be unpickled in the "
                     f"parent: {type(exc).__name__}: {exc}; return plain data, or make its classes "
@@ -905,7 +1007,8 @@ class Supervisor:
             else:
                 self._resolve_value(job, value)
         elif tag == msg.RAISED:
-            self._resolve(job, _remote_exception(job, *pickle.loads(body)), "failed")
+            assert report is not None
+            self._resolve(job, _remote_exception(job, *report), "failed")
         else:
             self._resolve(job, self._missed_error(job), "missed")
 
@@ -937,10 +1040,14 @@ class Supervisor:
                 _killpg(worker.pid, signal.SIGKILL)
             self._at(time.monotonic() + 0.005, lambda: self._reap(worker, since))
             return
+        if getattr(getattr(worker.process, "_popen", None), "lost", False):
+            exitcode = None  # its keeper died first: that code is not the worker's
         worker.process.close()  # its sentinel now; timers may hold the worker a while longer
         if worker.pid not in self._groups_to_kill:
             _killpg(worker.pid, signal.SIGKILL)  # the job's own children die with it
         del self._workers[worker.pid]
+        self._timers.cancel(worker.timeout)
+        worker.timeout = None
         was_starting = worker.state == "starting"
         job, worker.job = worker.job, None
         unstarted = list(worker.waiting.values())
@@ -949,7 +1056,7 @@ class Supervisor:
         self._return_unstarted(unstarted)
         if was_starting and not self._closing:
             cause = worker.start_error or (
-                f"it exited with {_describe_exit(exitcode)} before it was ready"
+                f"it ended before it was ready: {_describe_exit(exitcode)}"
             )
             self._on_start_failure(f"worker {worker.pid} failed to start: {cause}")
         elif job is not None:
@@ -975,23 +1082,39 @@ class Supervisor:
     def _top_up(self) -> None:
         if self._closing:
             return
-        live = sum(1 for w in self._workers.values() if w.state in ("starting", "idle", "busy"))
+        live = len(self._launches) + sum(
+            1 for w in self._workers.values() if w.state in ("starting", "idle", "busy")
+        )
         while live < self.settings.workers:
-            now = time.monotonic()
-            if now < self._next_start_at:
+            # A failed start sets the back-off: the retry is armed whatever failed.
+            if time.monotonic() < self._next_start_at:
                 if not self._top_up_armed:
                     self._top_up_armed = True
                     self._at(self._next_start_at, self._retry_top_up)
                 return
-            if not self._spawn():
-                return
+            self._launch()
             live += 1
 
     def _retry_top_up(self) -> None:
         self._top_up_armed = False
         self._top_up()
 
-    def _spawn(self) -> bool:
+    def _launch(self) -> None:
+        """Start a worker process on a thread of its own: a start waits on the process that
+        starts workers, and nothing may make supervision (or a caller) wait on that. The
+        thread's outcome comes back as a command (``_on_launched``, ``_on_launch_failed``)."""
+        launch = _Launch(next(self._launch_ids), time.monotonic())
+        self._launches[launch.token] = launch
+        limit = min(self.settings.start_timeout, _LAUNCH_DEADLINE)
+        launch.timer = self._at(
+            launch.began + limit, functools.partial(self._launch_timed_out, launch, limit)
+        )
+        threading.Thread(
+            target=self._launch_thread, args=(launch,), name=f"{self.name}-start", daemon=True
+        ).start()
+
+    def _launch_thread(self, launch: _Launch) -> None:
+        """On a starter thread: start one worker process and hand it to the supervisor."""
         parent_sock, child_sock = socket.socketpair()
         for sock in (parent_sock, child_sock):
             sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
@@ -1005,14 +1128,35 @@ class Supervisor:
             process.start()
         except Exception as exc:
             parent_sock.close()
-            self._on_start_failure(
-                f"a worker process could not be started: {type(exc).__name__}: {exc}"
-            )
-            return False
+            cause = f"a worker process could not be started: {type(exc).__name__}: {exc}"
+            self._hand_over(launch, functools.partial(self._on_launch_failed, launch, cause))
+            return
         finally:
             child_conn.close()
         assert process.pid is not None
-        worker = _Worker(process, parent_sock, process.pid, _psutil_process(process.pid))
+        ps = _psutil_process(process.pid)
+        started = functools.partial(self._on_launched, launch, process, parent_sock, ps)
+        if not self._hand_over(launch, started):
+            _discard(process, parent_sock)  # abandoned meanwhile, or the pool is gone
+
+    def _hand_over(self, launch: _Launch, command: Callable[[], None]) -> bool:
+        """Queue a starter thread's outcome for the supervisor; ``False``: nobody wants it."""
+        with self.lock:
+            if launch.abandoned or self.finished.is_set():
+                return False
+            self.commands.append(command)
+            self._wake()
+        return True
+
+    def _on_launched(
+        self, launch: _Launch, process: BaseProcess, sock: socket.socket, ps: psutil.Process | None
+    ) -> None:
+        if self._launches.pop(launch.token, None) is None:
+            threading.Thread(target=_discard, args=(process, sock), daemon=True).start()
+            return  # abandoned after it was handed over
+        self._timers.cancel(launch.timer)
+        assert process.pid is not None
+        worker = _Worker(process, sock, process.pid, ps)
         self._workers[worker.pid] = worker
         worker.on_channel = functools.partial(self._on_channel, worker)
         self._selector.register(worker.fd, selectors.EVENT_READ, worker.on_channel)
@@ -1020,16 +1164,45 @@ class Supervisor:
             process.sentinel, selectors.EVENT_READ, functools.partial(self._on_exit, worker)
         )
         self._at(
-            time.monotonic() + self.settings.start_timeout, lambda: self._start_timed_out(worker)
+            launch.began + self.settings.start_timeout,
+            functools.partial(self._start_timed_out, worker),
         )
         if self._first_starts_left:
             self._first_starts_left -= 1
         else:
             self.counters.restarts += 1
-        return True
+
+    def _on_launch_failed(self, launch: _Launch, cause: str) -> None:
+        if self._launches.pop(launch.token, None) is None:
+            return  # abandoned: already counted
+        self._timers.cancel(launch.timer)
+        self._on_start_failure(cause)
+        self._top_up()
+
+    def _launch_timed_out(self, launch: _Launch, limit: float) -> None:
+        """A start took longer than it may: the process that starts workers is stuck. Every
+        start waiting on it is abandoned (their threads dispose of what they get) and it is
+        killed (its workers live on); the next start starts a new one."""
+        if launch.token not in self._launches:
+            return
+        self._abandon_launches()
+        _launch.restart_server(self.context)
+        self._on_start_failure(
+            f"starting a worker took longer than {limit:g}s; the process that starts workers "
+            f"was stuck and has been restarted"
+        )
+        self._top_up()
+
+    def _abandon_launches(self) -> None:
+        with self.lock:
+            for launch in self._launches.values():
+                launch.abandoned = True
+        for launch in self._launches.values():
+            self._timers.cancel(launch.timer)
+        self._launches.clear()
 
     def _start_timed_out(self, worker: _Worker) -> None:
-        if worker.state == "starting" and worker.pid in self._workers:
+        if worker.state == "starting" and self._workers.get(worker.pid) is worker:
             worker.start_error = (
                 f"it was not ready within start_timeout={self.settings.start_timeout}s"
             )
@@ -1060,28 +1233,21 @@ class Supervisor:
 
     # -- deadlines and killing ----------------------------------------------------------------
 
-    def _at(self, when: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (when, next(self._timer_seq), callback))
+    def _at(self, when: float, callback: Callable[[], None]) -> Timer[Callable[[], None]]:
+        return self._timers.arm(when, callback)
 
     def _fire_timers(self) -> float | None:
         """Run due timers; return seconds until the next one (``None``: no timer)."""
-        deadlines = self._deadlines
-        while deadlines and (deadlines[0][2].done or deadlines[0][0] <= time.monotonic()):
-            self._on_deadline(heapq.heappop(deadlines)[2])
-        while self._timers:
-            when = self._timers[0][0]
-            now = time.monotonic()
-            if when > now:
-                break
-            heapq.heappop(self._timers)[2]()
+        while (job := self._deadlines.pop_due(time.monotonic())) is not None:
+            job.deadline = None
+            self._on_deadline(job)
+        while (callback := self._timers.pop_due(time.monotonic())) is not None:
+            callback()
         nearest = self._next_timer()
         return None if nearest == math.inf else max(0.0, nearest - time.monotonic())
 
     def _next_timer(self) -> float:
-        return min(
-            self._timers[0][0] if self._timers else math.inf,
-            self._deadlines[0][0] if self._deadlines else math.inf,
-        )
+        return min(self._timers.next_at(), self._deadlines.next_at())
 
     def _cancel_head(self, worker: _Worker) -> None:
         job = worker.job
@@ -1093,8 +1259,9 @@ class Supervisor:
         )
         self._kill(worker, error, graceful=True)
 
-    def _on_timeout(self, worker: _Worker, job: Job, started: float) -> None:
-        if worker.job is not job or worker.job_started != started:
+    def _on_timeout(self, worker: _Worker, started: float) -> None:
+        job = worker.job
+        if job is None or worker.job_started != started:
             return  # over, or recalled and sent again: a newer timer counts
         error = JobTimeoutError(
             f"job {job.id} ({job.reference}) ran past its timeout of {job.timeout}s; "
@@ -1115,7 +1282,7 @@ class Supervisor:
         for worker in busy:
             job = worker.job
             assert job is not None
-            rss = _rss(worker.ps)
+            rss = _launch.job_memory(worker.process)  # its processes, all of them
             if rss is not None and rss > limit:
                 error = MemoryLimitError(
                     f"worker {worker.pid} used {rss} bytes of memory while running job {job.id} "
@@ -1191,6 +1358,7 @@ class Supervisor:
                 self._cancel_running(graceful=False)
             return
         self._closing = True
+        self._abandon_launches()
         self._take_in()  # take whatever was submitted before the pool stopped accepting
         while (job := self._take_queued()) is not None:
             error = JobCancelledError(
@@ -1227,6 +1395,7 @@ class Supervisor:
     def _abandon(self) -> None:
         """Last resort after a supervisor bug: kill every worker, fail every job."""
         self._closing = True
+        self._abandon_launches()
         with self.lock:
             self.accepting = False
             self._queue.extend(self.incoming)
@@ -1250,18 +1419,25 @@ class Supervisor:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _resolve_value(self, job: Job, value: Any) -> None:
+    def _finish(self, job: Job) -> None:
+        """``job`` is over: nothing of the supervisor's may keep it any more."""
+        mark = self.outlet.mark()
+        if mark is not None:  # what its worker sent before its outcome goes first
+            job.future._output = (self.outlet, mark)
         job.done = True
         job.worker = None
         job.future._pickup = None  # nothing to pick up: the future need not keep the job
+        self._deadlines.cancel(job.deadline)
+        job.deadline = None
+
+    def _resolve_value(self, job: Job, value: Any) -> None:
+        self._finish(job)
         self.counters.completed += 1
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_result(value)
 
     def _resolve(self, job: Job, error: BaseException, kind: str) -> None:
-        job.done = True
-        job.worker = None
-        job.future._pickup = None
+        self._finish(job)
         setattr(self.counters, kind, getattr(self.counters, kind) + 1)
         if job.running or job.future.set_running_or_notify_cancel():
             job.future.set_exception(error)
@@ -1272,9 +1448,34 @@ class Supervisor:
         record.corral_job_id = None if job is None else job.id
         record.corral_job_label = None if job is None else job.label
         record.corral_worker_pid = worker.pid
-        target = logging.getLogger(record.name)
-        if target.isEnabledFor(record.levelno):
-            target.handle(record)
+        if logging.getLogger(record.name).isEnabledFor(record.levelno):
+            self.outlet.log(record)  # handled on the outlet's thread: handlers may block
+
+
+def _decode(frame: bytes, kind: type[_K], offset: int = 1) -> _K:
+    """The pickled ``kind`` in ``frame`` after ``offset``; ``ProtocolError`` if it is not one."""
+    try:
+        value = pickle.loads(frame[offset:])
+    except BaseException as exc:
+        raise msg.ProtocolError(
+            f"a {frame[:1]!r} message that does not unpickle: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(value, kind):
+        raise msg.ProtocolError(f"a {frame[:1]!r} message that holds a {type(value).__name__}")
+    return value
+
+
+def _exception_report(frame: bytes) -> tuple[bytes | None, str, str, str]:
+    """What a ``RAISED`` reply holds: the pickled exception (if it pickled), its type's name,
+    its message and its traceback."""
+    report = _decode(frame, tuple, msg.ID_HEAD.size)
+    if not (
+        len(report) == 4
+        and isinstance(report[0], bytes | None)
+        and all(isinstance(part, str) for part in report[1:])
+    ):
+        raise msg.ProtocolError("a RAISED reply that is not an exception report")
+    return report
 
 
 def _remote_exception(
@@ -1284,7 +1485,7 @@ def _remote_exception(
     if exc_bytes is not None:
         try:
             error = pickle.loads(exc_bytes)
-        except Exception:  # reported as a RemoteError below
+        except BaseException:  # whatever it raises, reported as a RemoteError below
             error = None
     if not isinstance(error, BaseException):
         error = RemoteError(
@@ -1299,7 +1500,10 @@ def _remote_exception(
 
 def _describe_exit(exitcode: int | None, *, in_job: bool = False) -> str:
     if exitcode is None:
-        return "an unknown status"
+        return (
+            "how it ended is unknown: the process that starts workers and watches this one (its "
+            "keeper) died before it could say"
+        )
     if exitcode >= 0:
         return f"exit code {exitcode}" + (
             " (os._exit or a native exit in the job)" if in_job else ""
@@ -1317,6 +1521,16 @@ def _describe_exit(exitcode: int | None, *, in_job: bool = False) -> str:
     }
     hint = hints.get(name)
     return f"killed by {name}" + (f" ({hint})" if hint else "")
+
+
+def _discard(process: BaseProcess, sock: socket.socket) -> None:
+    """Kill a worker process nobody wants any more and reap it (on a thread that may wait)."""
+    sock.close()
+    assert process.pid is not None
+    _killpg(process.pid, signal.SIGKILL)
+    process.join(30)
+    if process.exitcode is not None:
+        process.close()
 
 
 def _killpg(pgid: int, sig: int) -> None:

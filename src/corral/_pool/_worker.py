@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import pickle
+import reprlib
 import select
 import signal
 import sys
@@ -24,25 +25,42 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any
 
-from corral._exceptions import SerializationError
+from corral._exceptions import JobExitError, SerializationError
 from corral._pool import _messages as msg
 from corral._pool._launch import load_parent_main
 from corral._pool._refs import resolve
 
 _ONE_WRITE = 1 << 14  # a bigger message is written after its header, not copied behind it
+MAX_TEXT = 1 << 16
+"""The most characters of one line of output, or of one text of a log record, sent to the parent;
+the rest is cut, and a marker says how much."""
 
 
 class _Channel:
-    """The worker's end of the socket; sends from any thread of the job are serialised."""
+    """The worker's end of the socket; sends from any thread of the job are serialised.
+
+    Only the worker process itself writes to it: a process a job forks inherits the socket, but
+    its frames would mix with the worker's (``forked``: it sends nothing, and its output and log
+    records go to its own stdout and stderr).
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.fd = conn.fileno()  # worker_main keeps conn (and so the socket) for the process's life
         self.lock = threading.Lock()
+        self.forked = False
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.forked = True
+        self.lock = threading.Lock()  # another thread of the worker may have held it
 
     def send(self, message: bytes) -> None:
         """Send one frame (blocking until all of it is written)."""
+        if self.forked:
+            return
         head = msg.header(len(message))
         with self.lock:
             if len(message) <= _ONE_WRITE:
@@ -75,15 +93,25 @@ class _Inbox:
         self.received = bytearray()
         self.jobs: deque[tuple[int, float, bytes]] = deque()
         self.busy = False
+        self.fresh = False  # the jobs here came with the last read, made while idle
         self.stopping = False
         self.closed = False
 
     def next_job(self) -> tuple[int, float, bytes] | None:
-        """The next job to run, waiting for one; ``None``: stop."""
+        """The next job to run, waiting for one; ``None``: stop.
+
+        A job that waited here while another ran starts only after what has come to the socket
+        since is taken in: a recall that the supervisor wrote before it read this worker's last
+        reply is always honoured (the supervisor counts on it to take such jobs back without
+        waiting for the answer). Jobs taken in by the read that found them need no such check.
+        """
         while True:
             with self.lock:
+                if self.jobs and not self.fresh:
+                    self._drain()
                 if self.jobs:
                     self.busy = True
+                    self.fresh = False
                     return self.jobs.popleft()
                 if self.stopping or self.closed:
                     return None
@@ -95,6 +123,7 @@ class _Inbox:
                 data = b""
             with self.lock:
                 self._take_in(data)
+                self.fresh = True
 
     def job_done(self) -> None:
         with self.lock:
@@ -103,12 +132,17 @@ class _Inbox:
     def poll(self) -> None:
         """Take in what arrived while a job runs (the watch thread)."""
         with self.lock:
-            while self.busy and not self.closed and select.select([self.fd], [], [], 0)[0]:
-                try:
-                    data = os.read(self.fd, msg.READ_SIZE)
-                except OSError:
-                    data = b""
-                self._take_in(data)
+            if self.busy:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Take in what the socket holds now, without waiting (lock held)."""
+        while not self.closed and select.select([self.fd], [], [], 0)[0]:
+            try:
+                data = os.read(self.fd, msg.READ_SIZE)
+            except OSError:
+                data = b""
+            self._take_in(data)
 
     def _take_in(self, data: bytes) -> None:
         if not data:
@@ -137,7 +171,10 @@ class _ChannelHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.channel.send(msg.LOG + pickle.dumps(_portable_record(record)))
+            if self.channel.forked:
+                _write_all(2, (self.format(record) + "\n").encode(errors="backslashreplace"))
+            else:
+                self.channel.send(msg.LOG + pickle.dumps(_portable_record(record)))
         except Exception:
             self.handleError(record)
 
@@ -152,35 +189,110 @@ def _portable_record(record: logging.LogRecord) -> dict[str, Any]:
     if record.exc_info:
         fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
     fields["exc_info"] = None
-    # Extra attributes can be anything; the parent must be able to unpickle what it receives.
+    # Extra attributes can be anything; the parent must be able to unpickle what it receives,
+    # and no text of a record is sent whole past MAX_TEXT.
     for key, value in fields.items():
-        if not isinstance(value, _PLAIN):
-            fields[key] = repr(value)
+        if isinstance(value, str):
+            if len(value) > MAX_TEXT:
+                fields[key] = cut(value)
+        elif not isinstance(value, _PLAIN):
+            fields[key] = cut(repr(value))
     return fields
 
 
+def cut(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` up to ``limit`` characters, and a marker saying how many more it had."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + _cut_marker(len(text) - limit)
+
+
+def _cut_marker(count: int) -> str:
+    return f"... [{count} more characters cut]"
+
+
 class _ChannelWriter(io.TextIOBase):
-    """Replaces ``sys.stdout``/``sys.stderr``: forwards whole lines to the parent."""
+    """Replaces ``sys.stdout``/``sys.stderr``: forwards whole lines to the parent.
+
+    A line is kept in pieces until it ends (never copied again as it grows), and at most
+    ``MAX_TEXT`` characters of it are kept: the rest is counted and replaced by a marker. Frames
+    hold at most ``MAX_TEXT`` characters of whole lines (and a cut marker).
+    """
 
     def __init__(self, channel: _Channel, name: str) -> None:
         self.channel = channel
         self.stream_name = name
-        self.pending = ""
+        self.pending: list[str] = []  # the start of a line not ended yet
+        self.size = 0  # characters in pending
+        self.dropped = 0  # characters of that line past MAX_TEXT, not kept
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.pending += text
-        if "\n" in self.pending:
-            head, _, self.pending = self.pending.rpartition("\n")
-            self.channel.send(msg.OUTPUT + pickle.dumps((self.stream_name, head + "\n")))
-        return len(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        count = len(text)
+        if not count:
+            return 0
+        if self.size + count > MAX_TEXT:
+            self._write_long(text)
+            return count
+        end = text.rfind("\n")
+        if end < 0:
+            self.pending.append(text)
+            self.size += count
+            return count
+        lines = text[: end + 1]
+        if self.pending:
+            lines = "".join(self.pending) + lines
+        self._send(lines)
+        rest = text[end + 1 :]
+        self.pending = [rest] if rest else []
+        self.size = len(rest)
+        return count
+
+    def _write_long(self, text: str) -> None:
+        """Linear in ``len(text)``, whatever it holds; each frame holds at most ``MAX_TEXT``
+        characters (and a marker)."""
+        position, end = 0, len(text)
+        while position < end:
+            if not self.size and not self.dropped:
+                # At the start of a line: send the whole lines that fit in one frame.
+                last = text.rfind("\n", position, position + MAX_TEXT)
+                if last >= 0:
+                    self._send(text[position : last + 1])
+                    position = last + 1
+                    continue
+            newline = text.find("\n", position)
+            stop = end if newline < 0 else newline
+            keep = min(stop - position, MAX_TEXT - self.size)
+            if keep > 0:
+                self.pending.append(text[position : position + keep])
+                self.size += keep
+            self.dropped += stop - position - keep
+            if newline < 0:
+                return
+            self._send_pending("\n")
+            position = newline + 1
+
+    def _send_pending(self, end: str) -> None:
+        text = "".join(self.pending)
+        if self.dropped:
+            text += _cut_marker(self.dropped)
+        self.pending, self.size, self.dropped = [], 0, 0
+        self._send(text + end)
+
+    def _send(self, text: str) -> None:
+        if self.channel.forked:
+            fd = 1 if self.stream_name == "stdout" else 2
+            _write_all(fd, text.encode(errors="backslashreplace"))
+        else:
+            self.channel.send(msg.OUTPUT + pickle.dumps((self.stream_name, text)))
 
     def flush(self) -> None:
-        if self.pending:
-            text, self.pending = self.pending, ""
-            self.channel.send(msg.OUTPUT + pickle.dumps((self.stream_name, text)))
+        if self.size or self.dropped:
+            self._send_pending("")
 
 
 RUNNING_IN_WORKER = False
@@ -191,7 +303,8 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     """Entry point of a worker process."""
     global RUNNING_IN_WORKER
     RUNNING_IN_WORKER = True
-    os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
+    with contextlib.suppress(PermissionError):  # already a group leader if its launcher made it one
+        os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = _Channel(conn)
     inbox = _Inbox(conn, channel)
@@ -211,20 +324,25 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
             initargs = pickle.loads(options.initargs_bytes)
             resolve(options.initializer)(*initargs)
     except BaseException:
-        channel.send(msg.INIT_FAILED + traceback.format_exc().encode())
+        channel.send(msg.INIT_FAILED + _cut_middle(traceback.format_exc()).encode())
         _flush(streams)
         os._exit(3)
     channel.send(msg.READY)
     runner: asyncio.Runner | None = None
+    replies = _Replies(options.max_result_size)
+    kept = _Kept(streams)
     while (job := inbox.next_job()) is not None:
         job_id, start_by, body = job
         if time.monotonic() > start_by:  # never true for NaN (no deadline)
             reply = msg.ID_HEAD.pack(msg.MISSED, job_id)
         else:
-            reply, runner = _run_job(job_id, body, runner, main, options.max_result_size)
+            reply, runner = _run_job(job_id, body, runner, main, replies)
         _flush(streams)
+        if channel.forked:  # a process the job forked came back here: the jobs are not its
+            os._exit(0)
         channel.send(reply)
         inbox.job_done()
+        kept.restore()  # after the reply: the parent is not waiting for this
     _flush(streams)
     if runner is not None:
         runner.close()
@@ -244,14 +362,90 @@ class _MainLoader:
             load_parent_main(self.main)
 
 
+class _Kept:
+    """What the worker puts back after each job, if the job changed it: ``sys.stdout`` and
+    ``sys.stderr`` (so that the next job's output is not lost), the working directory, the umask
+    and the SIGTERM handler. Each is compared first, so a job that changed nothing costs a few
+    cheap calls (see docs/tuning.md for what is not put back)."""
+
+    def __init__(self, streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
+        self.stdout, self.stderr = streams
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.sigterm = signal.getsignal(signal.SIGTERM)
+
+    def restore(self) -> None:
+        if sys.stdout is not self.stdout:
+            sys.stdout = self.stdout
+        if sys.stderr is not self.stderr:
+            sys.stderr = self.stderr
+        try:
+            moved = os.getcwd() != self.cwd
+        except OSError:  # the directory it left us in was removed
+            moved = True
+        if moved:
+            with contextlib.suppress(OSError):
+                os.chdir(self.cwd)
+        os.umask(self.umask)  # the only way to read it sets it
+        if signal.getsignal(signal.SIGTERM) is not self.sigterm:
+            signal.signal(signal.SIGTERM, self.sigterm)
+
+
+class _TooBig(Exception):
+    """The result being pickled passed ``max_result_size``."""
+
+
+class _Replies:
+    """Builds each job's ``RETURNED`` reply, pickling its value no further than
+    ``max_result_size``: the pickler writes here, and a large ``bytes`` value is handed over as
+    itself, so a value over the limit costs neither a full pickle nor a copy."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.parts: list[Any] = []
+        self.size = 0
+        self.pickler = self._pickler()
+
+    def _pickler(self) -> pickle.Pickler:
+        return pickle.Pickler(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def write(self, data: Any) -> int:
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        self.size += size
+        if self.limit is not None and self.size > self.limit:
+            raise _TooBig
+        self.parts.append(data)
+        return size
+
+    def returned(self, job_id: int, value: Any) -> bytes:
+        """The reply for ``value``; raises ``_TooBig``, or what pickling it raised."""
+        if self.limit is None:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            return msg.ID_HEAD.pack(msg.RETURNED, job_id) + data
+        self.parts = [msg.ID_HEAD.pack(msg.RETURNED, job_id)]
+        self.size = 0
+        try:
+            self.pickler.dump(value)
+            self.pickler.clear_memo()
+            parts = self.parts
+            return parts[0] + parts[1] if len(parts) == 2 else b"".join(parts)
+        except BaseException:
+            self.pickler = self._pickler()  # a fresh one: that one stopped halfway
+            raise
+        finally:
+            self.parts = []
+
+
 def _run_job(
     job_id: int,
     body: bytes,
     runner: asyncio.Runner | None,
     main: _MainLoader,
-    max_result_size: int | None,
+    replies: _Replies,
 ) -> tuple[bytes, asyncio.Runner | None]:
     """Run one job; return its reply (``RETURNED`` or ``RAISED``) and the asyncio runner."""
+    reference: str | None = None
     try:
         if b"__main__" in body:
             main.load()  # before unpickling: the arguments may be instances of its classes
@@ -273,26 +467,25 @@ def _run_job(
                 runner = runner or asyncio.Runner()
                 value = runner.run(_await(value))
     except BaseException as exc:  # a job's SystemExit is its outcome, not ours
-        return _raised(job_id, exc), runner
+        return _raised(job_id, exc, reference, replies.limit), runner
     try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException as exc:
+        return replies.returned(job_id, value), runner
+    except _TooBig:
+        limit = replies.limit
         error = SerializationError(
-            f"the job's result {_short_repr(value)} could not be pickled: "
-            f"{type(exc).__name__}: {exc}; return plain data (numbers, strings, lists, dicts, "
-            f"dataclasses of them) instead",
-            stage="result",
-        )
-        return _raised(job_id, error), runner
-    if max_result_size is not None and len(data) > max_result_size:
-        error = SerializationError(
-            f"the job's result {_short_repr(value)} is {len(data)} bytes pickled, over "
-            f"max_result_size={max_result_size}; write large data to a file or a database "
+            f"the job's result {_short_repr(value)} takes more bytes pickled than allowed, "
+            f"over max_result_size={limit}; write large data to a file or a database "
             f"and return its location, or raise max_result_size",
             stage="result",
         )
-        return _raised(job_id, error), runner
-    return msg.ID_HEAD.pack(msg.RETURNED, job_id) + data, runner
+    except BaseException as exc:
+        error = SerializationError(
+            f"the job's result {_short_repr(value)} could not be pickled: "
+            f"{type(exc).__name__}: {_short_text(exc)}; return plain data (numbers, strings, "
+            f"lists, dicts, dataclasses of them) instead",
+            stage="result",
+        )
+    return _raised(job_id, error, reference, replies.limit), runner
 
 
 _functions: dict[str, tuple[Callable[..., Any], bool]] = {}
@@ -311,18 +504,52 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _raised(job_id: int, exc: BaseException) -> bytes:
-    text = "".join(traceback.format_exception(exc))
+def _raised(
+    job_id: int,
+    exc: BaseException,
+    reference: str | None = None,
+    max_size: int | None = None,
+) -> bytes:
+    text = _cut_middle("".join(traceback.format_exception(exc)))
+    if not isinstance(exc, Exception):
+        exc = _exit_error(job_id, exc, reference)
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # reported below as a RemoteError
         exc_bytes = None
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<str() of the exception failed>"
-    details = pickle.dumps((exc_bytes, _type_name(exc), message, text))
+    if exc_bytes is not None and max_size is not None and len(exc_bytes) > max_size:
+        exc_bytes = None  # too big to send as itself: its type, message and traceback go
+    details = pickle.dumps((exc_bytes, _type_name(exc), _short_text(exc, MAX_TEXT), text))
     return msg.ID_HEAD.pack(msg.RAISED, job_id) + details
+
+
+def _cut_middle(text: str, limit: int = 4 * MAX_TEXT) -> str:
+    """A traceback up to ``limit`` characters: its start, and its end (where the exception is)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return text[:half] + _cut_marker(len(text) - 2 * half) + "\n" + text[-half:]
+
+
+def _exit_error(job_id: int, exc: BaseException, reference: str | None) -> JobExitError:
+    """What the caller gets for a job's ``SystemExit``, ``KeyboardInterrupt`` or other exception
+    that is not an ``Exception``: never the exception itself, which would end the caller."""
+    code: int | str | None = None
+    what = type(exc).__qualname__
+    if isinstance(exc, SystemExit):
+        raw = exc.code
+        code = raw if raw is None or isinstance(raw, (int, str)) else _short_repr(raw)
+        if isinstance(code, str):
+            code = cut(code, 1000)
+        what = f"SystemExit with exit code {code!r}"
+    job = f"job {job_id}" + ("" if reference is None else f" ({reference})")
+    return JobExitError(
+        f"{job} raised {what}, which ends the job and nothing else (not its worker, not the "
+        f"caller); return a value, or raise an Exception to report a failure",
+        job_id=job_id,
+        type_name=_type_name(exc),
+        exit_code=code,
+    )
 
 
 def _type_name(exc: BaseException) -> str:
@@ -330,12 +557,69 @@ def _type_name(exc: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _short_repr(value: object) -> str:
+def _short_text(exc: BaseException, limit: int = 1000) -> str:
     try:
-        text = repr(value)
+        return cut(str(exc), limit)
+    except BaseException:
+        return "<str() of the exception failed>"
+
+
+class _ShortRepr(reprlib.Repr):
+    """``repr`` that never builds more than a few dozen characters of any part of a value:
+    strings and bytes are sliced first, containers shown in part, and other objects by their
+    type alone (their own ``repr`` could be of any size)."""
+
+    _OWN_REPR = (
+        int,
+        float,
+        complex,
+        bool,
+        type(None),
+        type,
+        FunctionType,
+        BuiltinFunctionType,
+        MethodType,
+        ModuleType,
+        range,
+        slice,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = self.maxother = 60
+
+    def repr_str(self, value: str, level: int) -> str:
+        return self._sliced(value, "characters")
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return self._sliced(value, "bytes")
+
+    def repr_bytearray(self, value: bytearray, level: int) -> str:
+        return self._sliced(value, "bytes")
+
+    def _sliced(self, value: str | bytes | bytearray, unit: str) -> str:
+        if len(value) <= self.maxstring:
+            return repr(value)
+        return f"{value[:24]!r}... ({len(value)} {unit})"
+
+    def repr_instance(self, value: object, level: int) -> str:
+        cls = type(value)
+        if isinstance(value, self._OWN_REPR):
+            text = repr(value)
+            return text if len(text) <= self.maxother else text[: self.maxother] + "..."
+        return f"<{cls.__module__}.{cls.__qualname__} object>"
+
+
+_short = _ShortRepr()
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    try:
+        text = _short.repr(value)
     except BaseException:
         text = f"<{type(value).__qualname__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _capture_output(channel: _Channel) -> tuple[_ChannelWriter, _ChannelWriter]:
@@ -346,7 +630,7 @@ def _capture_output(channel: _Channel) -> tuple[_ChannelWriter, _ChannelWriter]:
 
 def _flush(streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
     for stream in streams:
-        if stream.pending:
+        if stream.size or stream.dropped:
             with contextlib.suppress(Exception):  # the channel is gone; nothing left to tell
                 stream.flush()
 
