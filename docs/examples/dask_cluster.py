@@ -53,10 +53,11 @@ async def main() -> None:
         # One event per run, as with the local pool: its value, or its exception.
         running.asyncz.add_listener(on_outcome, TASK_EXECUTED | TASK_ERROR)
         await done.wait()
-        await running.wait_ready(30)  # the restarted worker is back
+        ready = await running.wait_ready(120)  # the restarted worker is back
         cluster = running.cluster_statistics()
         assert cluster is not None
-        print(f"cluster {cluster.address}: {len(cluster.workers)} workers")
+        state = "ready" if ready else "not all back yet"
+        print(f"cluster {cluster.address}: {config.workers} workers {state}")
     print(f"app process {os.getpid()}")
     for task in ("rollup", "import-feed", "stuck"):
         print(f"{task}: {seen[task]}")

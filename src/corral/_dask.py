@@ -13,38 +13,24 @@ Importing this module does not import Dask; starting the executor does.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import functools
-import logging
-import threading
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from asyncz.events import TaskExecutionEvent
-from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MISSED
-from asyncz.exceptions import MaximumInstancesError
-from asyncz.executors.base import BaseExecutor
+from asyncz.events.constants import TASK_EXECUTED
 
 from corral._constants import DEFAULT
-from corral._decorator import task_options
-from corral._drain import Drain
 from corral._exceptions import (
     ConfigurationError,
-    CorralError,
-    JobCancelledError,
-    PoolNotRunningError,
 )
-from corral._executor import _error_event_for, _missed_event, _now, _Run
 from corral._pool._refs import reference_of
 from corral._pool._settings import PoolSettings
+from corral._runs import Run, RunExecutor
 
 if TYPE_CHECKING:
     from asyncz.tasks.types import TaskType
 
-    from corral._claims import Claims
     from corral._config import SchedulerConfig
     from corral._dask_cluster import DaskCluster, DaskFuture
     from corral._dask_stats import ClusterStatistics
@@ -63,7 +49,7 @@ def require_distributed() -> None:
         ) from None
 
 
-class DaskExecutor(BaseExecutor):
+class DaskExecutor(RunExecutor):
     """Runs asyncz tasks on a Dask cluster: an external one, or an embedded ``LocalCluster``.
 
     Args:
@@ -79,6 +65,8 @@ class DaskExecutor(BaseExecutor):
             ``timeout`` apply otherwise).
     """
 
+    stopped = "the Dask executor had stopped"
+
     def __init__(
         self,
         settings: PoolSettings | None = None,
@@ -89,24 +77,14 @@ class DaskExecutor(BaseExecutor):
         **options: Any,
     ) -> None:
         require_distributed()
-        super().__init__()
-        if settings is None:
-            settings = PoolSettings(**options)
-        elif options:
-            settings = PoolSettings(**{**settings.model_dump(exclude_unset=True), **options})
-        self.settings = settings
+        super().__init__(
+            settings,
+            shutdown_timeout=shutdown_timeout,
+            task_timeouts=task_timeouts,
+            options=options,
+        )
         self.address = address.strip() if address and address.strip() else None
-        self.shutdown_timeout = shutdown_timeout
-        self.task_timeouts: dict[str, float | None] = dict(task_timeouts or {})
         self.cluster: DaskCluster | None = None
-        self.claims: Claims | None = None
-        """Set (before start) when fires are claimed in a database shared by replicas."""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._log = logging.getLogger("corral.executor")
-        self._inbox: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
-        self._inbox_lock = threading.Lock()
-        self._inbox_scheduled = False
-        self._drain = Drain()
         self._references: dict[Any, str] = {}
 
     @classmethod
@@ -124,8 +102,6 @@ class DaskExecutor(BaseExecutor):
         from corral._dask_cluster import DaskCluster
 
         super().start(scheduler, alias)
-        self._log = self.logger or self._log
-        self._loop = getattr(scheduler, "event_loop", None)
         max_memory = self.settings.max_memory
         max_result = self.settings.max_result_size
         self.cluster = DaskCluster(
@@ -184,90 +160,28 @@ class DaskExecutor(BaseExecutor):
             hand_over=self._hand_over_stranded,
         )
 
-    def _stop_delivering_to_this_thread(self) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if running is self._loop:
-            self._loop = None
-            self._drain_inbox()
-
-    def _hand_over_stranded(self) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
-            self._drain_inbox()
-
     # -- runs -----------------------------------------------------------------------------------
 
-    def send_task(self, task: TaskType, run_times: list[datetime]) -> None:
-        """Run ``task`` once per run time, one after another, on the cluster (with a database,
-        only the fires this replica claims)."""
-        assert task.id is not None, "a task in decorator mode cannot run"
-        if not run_times:
-            return
-        if self.claims is not None:
-            self.claims.claim(self, task, list(run_times))
-            return
-        self._start_run(task, list(run_times), grace=task.mistrigger_grace_time)
-
-    def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
-        self.send_task(task, run_times)
-
-    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
-        """Run fires this replica claimed (a rerun of a lost run ignores the grace time)."""
-        self._start_run(task, run_times, grace=None if rerun else task.mistrigger_grace_time)
-
-    def _start_run(self, task: TaskType, run_times: list[datetime], grace: float | None) -> None:
-        task_id = str(task.id)
-        with self.lock:
-            if self.claims is None and self.instances[task_id] >= task.max_instances:
-                raise MaximumInstancesError(task_id, task.max_instances)
-            self.instances[task_id] += 1
-            self._drain.run_started()
-        run = _Run(task, task_id, str(task.store_alias), run_times, _now(), grace)
-        try:
-            self._submit_next(run)
-        except BaseException:
-            self._release(task_id)
-            raise
-
-    def _submit_next(self, run: _Run) -> None:
+    def _submit_job(self, run: Run, run_time: datetime) -> DaskFuture:
         cluster = self.cluster
         assert cluster is not None, "the executor has not been started"
         task = run.task
-        run_time = run.run_times[run.index]
-        if run.grace is not None and (run.handed_at - run_time).total_seconds() > run.grace:
-            self._deliver(self._finish_one, run, _missed_event(run, run_time))
-            return
-        try:
-            future = cluster.submit(
-                self._reference(task),
-                tuple(task.args),
-                dict(task.kwargs),
-                timeout=self._timeout_of(task),
-                label=run.task_id,
-            )
-        except CorralError as exc:  # not importable by reference, or shut down
-            self._deliver(self._finish_one, run, self._error_event(run, run_time, exc))
-            return
+        future = cluster.submit(
+            self._reference(task),
+            tuple(task.args),
+            dict(task.kwargs),
+            timeout=self._timeout_of(task),
+            label=run.task_id,
+        )
         self._log.info(
             'Running task "%s" (scheduled at %s) on the Dask cluster',
             task,
             run_time,
             extra={"corral_job_label": task.id},
         )
-        if self.claims is not None:
-            future.on_start = functools.partial(self._on_start, self.claims, run, run_time)
-            if future.worker_pid is not None:  # it started before on_start was set
-                self._on_start(self.claims, run, run_time, future)
-        future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
+        return future
 
-    @staticmethod
-    def _on_start(claims: Claims, run: _Run, run_time: datetime, future: DaskFuture) -> None:
-        claims.started(run.task_id, run_time, future.worker_pid, time.time())
-
-    def _on_outcome(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
+    def _on_outcome(self, run: Run, future: concurrent.futures.Future[Any]) -> None:
         run_time = run.run_times[run.index]
         error = future.exception()
         if error is None:
@@ -293,72 +207,6 @@ class DaskExecutor(BaseExecutor):
             event = self._error_event(run, run_time, error)
         self._finish_one(run, event)
 
-    def _error_event(
-        self, run: _Run, run_time: datetime, error: BaseException
-    ) -> TaskExecutionEvent:
-        if isinstance(error, PoolNotRunningError):  # the executor had stopped its link
-            error = JobCancelledError(
-                f"run time {run_time} of task {run.task_id!r} was cancelled at shutdown before "
-                f"it started: the Dask executor had stopped (shutdown_timeout passed, or "
-                f"kill_running()); allow a longer shutdown_timeout to let it run",
-                job_id=None,
-                started=False,
-            )
-        return _error_event_for(run.task, run_time, error)
-
-    def _finish_one(self, run: _Run, event: TaskExecutionEvent) -> None:
-        if event.code == TASK_MISSED:
-            self._log.warning(
-                "Run time %s of task %r was missed", event.scheduled_run_time, run.task_id
-            )
-        elif event.code == TASK_ERROR:
-            self._log.error(
-                "Task %r (run at %s) failed: %s: %s%s",
-                run.task_id,
-                event.scheduled_run_time,
-                type(event.exception).__name__,
-                event.exception,
-                f"\n{event.traceback}" if event.traceback else "",
-            )
-        run.outcomes.append(event)
-        self.scheduler.dispatch_event(event)
-        run.index += 1
-        if run.index < len(run.run_times):
-            self._submit_next(run)
-        else:
-            self._release(run.task_id)
-
-    def _release(self, task_id: str) -> None:
-        with self.lock:
-            self.instances[task_id] -= 1
-            if self.instances[task_id] <= 0:
-                del self.instances[task_id]
-        self._drain.run_ended()
-
-    def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run ``callback`` on the scheduler's event loop (outcomes that arrive together in one
-        wake-up of it), or here if it has none running."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            callback(*args)
-            return
-        with self._inbox_lock:
-            self._inbox.append((callback, args))
-            if self._inbox_scheduled:
-                return
-            self._inbox_scheduled = True
-        try:
-            loop.call_soon_threadsafe(self._drain_inbox)
-        except RuntimeError:  # the loop closed in between
-            self._drain_inbox()
-
-    def _drain_inbox(self) -> None:
-        with self._inbox_lock:
-            batch, self._inbox = self._inbox, []
-            self._inbox_scheduled = False
-        for callback, args in batch:
-            callback(*args)
-
     def _reference(self, task: TaskType) -> str:
         """``module:qualname`` of the task's function (checked once per function)."""
         fn = task.fn
@@ -366,11 +214,3 @@ class DaskExecutor(BaseExecutor):
         if reference is None:
             reference = self._references[fn] = reference_of(fn)  # type: ignore[arg-type]
         return reference
-
-    def _timeout_of(self, task: TaskType) -> float | None:
-        if task.id in self.task_timeouts:
-            return self.task_timeouts[task.id]
-        options = task_options(task.fn)
-        if options is not None and options.timeout is not DEFAULT:
-            return options.timeout  # type: ignore[no-any-return]
-        return self.settings.timeout

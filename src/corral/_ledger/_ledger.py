@@ -103,16 +103,7 @@ class Ledger:
         now = self._clock()
         with self._transaction() as connection:
             connection.execute(delete(replicas).where(replicas.c.id == self.replica))
-            connection.execute(
-                replicas.insert().values(
-                    id=self.replica,
-                    host=self.host,
-                    pid=self.pid,
-                    started_at=now,
-                    renewed_at=now,
-                    lease_until=now + self.lease,
-                )
-            )
+            self._register(connection, now)
 
     def renew(self) -> bool:
         """Extend this replica's lease; ``False`` if it had expired and others removed it
@@ -125,17 +116,20 @@ class Ledger:
             _RENEW, {"replica": self.replica, "now": now, "until": now + self.lease}
         ).rowcount
         if not renewed:
-            connection.execute(
-                replicas.insert().values(
-                    id=self.replica,
-                    host=self.host,
-                    pid=self.pid,
-                    started_at=now,
-                    renewed_at=now,
-                    lease_until=now + self.lease,
-                )
-            )
+            self._register(connection, now)
         return bool(renewed)
+
+    def _register(self, connection: Any, now: float) -> None:
+        connection.execute(
+            replicas.insert().values(
+                id=self.replica,
+                host=self.host,
+                pid=self.pid,
+                started_at=now,
+                renewed_at=now,
+                lease_until=now + self.lease,
+            )
+        )
 
     def leave(self) -> list[RunRecord]:
         """Deregister; runs still in progress here are recorded ``cancelled`` and returned."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -25,18 +26,7 @@ RunStatus = Literal[
 ``lost`` (its replica died before reporting), ``skipped`` (``max_instances`` reached across
 every replica)."""
 
-RUN_STATUSES: tuple[RunStatus, ...] = (
-    "claimed",
-    "executed",
-    "error",
-    "timeout",
-    "crashed",
-    "memory",
-    "missed",
-    "cancelled",
-    "lost",
-    "skipped",
-)
+RUN_STATUSES: tuple[RunStatus, ...] = typing.get_args(RunStatus)
 FINAL_STATUSES = RUN_STATUSES[1:]
 ERROR_TEXT_LIMIT = 2000
 """Characters of error text kept per run (the rest is cut, with a marker)."""

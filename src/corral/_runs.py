@@ -1,0 +1,292 @@
+"""What corral's own asyncz executors share: runs of due run times, claims, delivery, drain.
+
+A *run* is one ``send_task``: a task and its due run times, run one after another, each as one
+job (in the local pool, or on a Dask cluster). The task's instance is taken before the first job
+and released after the last outcome, whatever it was; each outcome becomes exactly one asyncz
+event, handed to the scheduler's event loop (outcomes that arrive together in one wake-up of it).
+With a database, the run times are claimed first and only the fires won run here.
+
+``mistrigger_grace_time`` measures how late the scheduler hands a run over (as in asyncz), not
+how long it then waits for a worker: a run handed over in time waits for one as long as it takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from asyncz.events import TaskExecutionEvent
+from asyncz.events.constants import TASK_ERROR, TASK_MISSED
+from asyncz.exceptions import MaximumInstancesError
+from asyncz.executors.base import BaseExecutor
+
+from corral._constants import DEFAULT
+from corral._decorator import task_options
+from corral._drain import Drain
+from corral._exceptions import CorralError, JobCancelledError, PoolNotRunningError, RemoteTraceback
+from corral._pool._settings import PoolSettings
+
+if TYPE_CHECKING:
+    from asyncz.tasks.types import TaskType
+
+    from corral._claims import Claims
+
+
+@dataclass(eq=False)
+class Run:
+    """One ``send_task`` call: a task and its due run times, run one after another."""
+
+    task: TaskType
+    task_id: str
+    store: str
+    run_times: list[datetime]
+    handed_at: datetime
+    """When the scheduler handed the run over: lateness is measured here, not at start."""
+    grace: float | None
+    index: int = 0
+    outcomes: list[TaskExecutionEvent] = field(default_factory=list)
+    submitted_at: float = 0.0
+    """When the job of the current run time was submitted (``time.monotonic()``)."""
+
+
+class RunExecutor(BaseExecutor):
+    """The base of :class:`ProcessExecutor` and :class:`DaskExecutor`.
+
+    A subclass says how a job is submitted (:meth:`_submit_job`), what its outcome means
+    (:meth:`_on_outcome`), and how it starts and stops; the rest is here.
+    """
+
+    stopped: str = "the executor had stopped its pool"
+    """How a run refused at shutdown is explained (``PoolNotRunningError``)."""
+
+    def __init__(
+        self,
+        settings: PoolSettings | None,
+        *,
+        shutdown_timeout: float | None,
+        task_timeouts: dict[str, float | None] | None,
+        options: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        if settings is None:
+            settings = PoolSettings(**options)
+        elif options:
+            settings = PoolSettings(**{**settings.model_dump(exclude_unset=True), **options})
+        self.settings = settings
+        self.shutdown_timeout = shutdown_timeout
+        self.task_timeouts: dict[str, float | None] = dict(task_timeouts or {})
+        self.claims: Claims | None = None
+        """Set (before start) when fires are claimed in a database shared by replicas."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = logging.getLogger("corral.executor")
+        self._inbox: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_scheduled = False
+        self._drain = Drain()
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._log = self.logger or self._log
+        self._loop = getattr(scheduler, "event_loop", None)
+
+    # -- what a subclass says -------------------------------------------------------------------
+
+    def _submit_job(self, run: Run, run_time: datetime) -> Any:
+        """Submit the job of ``run_time``; a future with ``add_done_callback``, ``on_start`` and
+        ``worker_pid``. Raises ``CorralError`` when it cannot (that run time's outcome)."""
+        raise NotImplementedError
+
+    def _on_outcome(self, run: Run, future: Any) -> None:
+        """The job of the run's current run time is over: make its event, then
+        :meth:`_finish_one` (on the event loop)."""
+        raise NotImplementedError
+
+    def _claim_delay(self) -> float:
+        """Seconds to wait before claiming a fire (a busy executor lets idle replicas win)."""
+        return 0.0
+
+    def _started(self, run: Run, run_time: datetime, future: Any) -> None:
+        """A job started (on any thread, once): by default, recorded in the ledger."""
+        if self.claims is not None:
+            self.claims.started(run.task_id, run_time, future.worker_pid, time.time())
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def send_task(self, task: TaskType, run_times: list[datetime]) -> None:
+        """Run ``task`` once per run time, one after another (with a database, only the fires
+        this replica claims)."""
+        assert task.id is not None, "a task in decorator mode cannot run"
+        if not run_times:
+            return
+        if self.claims is not None:
+            # The claim counts runs in progress on every replica; the instance is taken when
+            # the fires come back won.
+            self.claims.claim(self, task, run_times, delay=self._claim_delay())
+            return
+        self._start_run(task, list(run_times), grace=task.mistrigger_grace_time)
+
+    def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
+        self.send_task(task, run_times)
+
+    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
+        """Run fires this replica claimed (a rerun of a lost run ignores the grace time)."""
+        self._start_run(task, run_times, grace=None if rerun else task.mistrigger_grace_time)
+
+    def _start_run(self, task: TaskType, run_times: list[datetime], grace: float | None) -> None:
+        # The instance is taken before the first job is submitted, so an outcome that arrives at
+        # once releases an instance that is really held.
+        task_id = str(task.id)
+        with self.lock:
+            if self.claims is None and self.instances[task_id] >= task.max_instances:
+                raise MaximumInstancesError(task_id, task.max_instances)
+            self.instances[task_id] += 1
+            self._drain.run_started()
+        run = Run(task, task_id, str(task.store_alias), run_times, datetime.now(UTC), grace)
+        try:
+            self._submit_next(run)
+        except BaseException:
+            self._release(task_id)
+            raise
+
+    def _submit_next(self, run: Run) -> None:
+        """Submit the job of ``run``'s current run time, or report it missed."""
+        run_time = run.run_times[run.index]
+        if run.grace is not None and (run.handed_at - run_time).total_seconds() > run.grace:
+            # Reported after asyncz's TASK_SUBMITTED for this run, as asyncz does.
+            self._deliver(self._finish_one, run, missed_event(run, run_time))
+            return
+        run.submitted_at = time.monotonic()
+        try:
+            future = self._submit_job(run, run_time)
+        except CorralError as exc:  # a full queue, an executor shutting down: its outcome
+            self._deliver(self._finish_one, run, self._error_event(run, run_time, exc))
+            return
+        future.on_start = lambda started: self._on_start(run, run_time, started)
+        if future.worker_pid is not None:  # it started before on_start was set
+            self._on_start(run, run_time, future)
+        future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
+
+    def _on_start(self, run: Run, run_time: datetime, future: Any) -> None:
+        if future.__dict__.setdefault("corral_start_seen", run) is run:  # once, whoever first
+            self._started(run, run_time, future)
+
+    def _error_event(
+        self, run: Run, run_time: datetime, error: BaseException
+    ) -> TaskExecutionEvent:
+        if isinstance(error, PoolNotRunningError):  # stopped before this run time's turn
+            error = JobCancelledError(
+                f"run time {run_time} of task {run.task_id!r} was cancelled at shutdown before "
+                f"it started: {self.stopped} (shutdown_timeout passed, or kill_running()); "
+                f"allow a longer shutdown_timeout to let it run",
+                job_id=None,
+                started=False,
+            )
+        return error_event(run.task, run_time, error)
+
+    def _finish_one(self, run: Run, event: TaskExecutionEvent) -> None:
+        if event.code == TASK_MISSED:
+            self._log.warning(
+                "Run time %s of task %r was missed", event.scheduled_run_time, run.task_id
+            )
+        elif event.code == TASK_ERROR:
+            self._log.error(
+                "Task %r (run at %s) failed: %s: %s%s",
+                run.task_id,
+                event.scheduled_run_time,
+                type(event.exception).__name__,
+                event.exception,
+                f"\n{event.traceback}" if event.traceback else "",
+            )
+        run.outcomes.append(event)
+        self.scheduler.dispatch_event(event)
+        run.index += 1
+        if run.index < len(run.run_times):
+            self._submit_next(run)
+        else:
+            self._release(run.task_id)
+
+    def _release(self, task_id: str) -> None:
+        with self.lock:
+            self.instances[task_id] -= 1
+            if self.instances[task_id] <= 0:
+                del self.instances[task_id]
+        self._drain.run_ended()
+
+    def _timeout_of(self, task: TaskType) -> float | None:
+        if task.id in self.task_timeouts:
+            return self.task_timeouts[task.id]
+        options = task_options(task.fn)
+        if options is not None and options.timeout is not DEFAULT:
+            return options.timeout  # type: ignore[no-any-return]
+        return self.settings.timeout
+
+    # -- delivery to the event loop -------------------------------------------------------------
+
+    def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the scheduler's event loop, or here if it has none running.
+
+        Outcomes that arrive together are handed over in one batch: one wake-up of the loop,
+        not one per job.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            callback(*args)
+            return
+        with self._inbox_lock:
+            self._inbox.append((callback, args))
+            if self._inbox_scheduled:
+                return
+            self._inbox_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._drain_inbox)
+        except RuntimeError:  # the loop closed in between
+            self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        for callback, args in batch:
+            callback(*args)
+
+    def _stop_delivering_to_this_thread(self) -> None:
+        """Called on the event loop's own thread, a blocking shutdown keeps that loop from
+        running: outcomes are then handled on the thread that reads them, as without a loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._loop:
+            self._loop = None
+            self._drain_inbox()  # what was handed to the loop already (``Drain`` looks again)
+
+    def _hand_over_stranded(self) -> None:
+        """Handle outcomes that wait for an event loop that no longer runs."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self._drain_inbox()
+
+
+def missed_event(run: Run, run_time: datetime) -> TaskExecutionEvent:
+    return TaskExecutionEvent(
+        code=TASK_MISSED, task_id=run.task_id, store=run.store, scheduled_run_time=run_time
+    )
+
+
+def error_event(task: TaskType, run_time: datetime, error: BaseException) -> TaskExecutionEvent:
+    cause = error.__cause__
+    text = cause.text if isinstance(cause, RemoteTraceback) else ""
+    return TaskExecutionEvent(
+        code=TASK_ERROR,
+        task_id=str(task.id),
+        store=str(task.store_alias),
+        scheduled_run_time=run_time,
+        exception=error if isinstance(error, Exception) else RuntimeError(repr(error)),
+        traceback=text,
+    )
