@@ -26,14 +26,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=2000,
         help="jobs in the soak tests (the default keeps them near a minute)",
     )
+    parser.addoption(
+        "--simulation-steps",
+        type=int,
+        default=3000,
+        help="events per seed in the supervisor's simulation (the default keeps it in seconds)",
+    )
+    parser.addoption(
+        "--simulation-seed",
+        type=int,
+        default=None,
+        help="run the supervisor's simulation with this seed only (to replay a failure)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The soak tests get time in proportion to ``--soak-jobs`` (the default timeout is 60 s)."""
-    seconds = 60 + config.getoption("--soak-jobs") / 50
+    """The soak tests get time in proportion to ``--soak-jobs``, the simulation in proportion to
+    ``--simulation-steps`` (the default timeout is 60 s)."""
+    soak = 60 + config.getoption("--soak-jobs") / 50
+    simulation = 60 + config.getoption("--simulation-steps") / 500
     for item in items:
         if item.path.stem == "test_soak":
-            item.add_marker(pytest.mark.timeout(seconds))
+            item.add_marker(pytest.mark.timeout(soak))
+        elif item.path.stem == "test_supervisor_simulation":
+            item.add_marker(pytest.mark.timeout(simulation))
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:

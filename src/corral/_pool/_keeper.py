@@ -55,9 +55,15 @@ _CLEANUP_TIMEOUT = 5.0  # seconds to kill what is left below a process before gi
 
 def serve(sock_fd: int, alive_fd: int, app_pid: int, preload: list[str]) -> None:
     """The fork server's main loop (never returns)."""
+    global _program_name
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _program_name = _name()
     _set_name(b"corral-server")
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if preload:  # a server that workers are forks of: what it imports, it imports for them
+        from corral._pool import _worker
+
+        _worker.RUNNING_IN_WORKER = True  # a task module's @scheduler then registers nothing
     for module in preload:
         with contextlib.suppress(BaseException):  # the worker imports it again, and reports
             importlib.import_module(module)
@@ -138,6 +144,7 @@ def _keep(payload: bytes, fds: list[int], watched: list[int]) -> None:
     worker = os.fork()
     if worker == 0:
         try:
+            _set_name(_program_name)  # what the app's processes are called, not the keeper's
             _close([status_fd, wake_r, *watched])
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -409,4 +416,16 @@ def _prctl(option: int, value: int | bytes) -> None:
 
 
 def _set_name(name: bytes) -> None:
-    _prctl(_PR_SET_NAME, name)
+    if name:
+        _prctl(_PR_SET_NAME, name)
+
+
+def _name() -> bytes:
+    try:
+        with open("/proc/self/comm", "rb") as comm:
+            return comm.read().strip()
+    except OSError:
+        return b""
+
+
+_program_name = b""

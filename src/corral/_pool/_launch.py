@@ -17,6 +17,8 @@ Workers are not started by ``multiprocessing``'s own start methods, for three re
 ``exitcode``, ``close``), whose ``start`` asks the fork server for the worker. With
 ``"forkserver"`` the server has imported the worker's module (and the pool's ``preload``
 modules) and workers are forks of it; with ``"spawn"`` each worker executes a fresh interpreter.
+Pools that start workers the same way (the same start method and ``preload``) share a server;
+it stops once no pool uses it (its contexts are gone), or at exit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -94,7 +97,10 @@ class Context:
     def __init__(self, start_method: str, preload: tuple[str, ...] = ()) -> None:
         self.start_method = start_method
         self.executes = start_method == "spawn"
-        self.preload = tuple(m for m in preload if m != "__main__")
+        modules = (m for m in preload if m != "__main__")
+        self.key: ServerKey = (self.executes, () if self.executes else tuple(modules))
+        _use(self.key)
+        weakref.finalize(self, _release, self.key)
 
     def Process(
         self,
@@ -104,8 +110,7 @@ class Context:
         name: str | None = None,
     ) -> WorkerProcess:
         process = WorkerProcess(target=target, args=args, kwargs=kwargs or {}, name=name)
-        process.executes = self.executes
-        process.preload = self.preload
+        process.server_key = self.key
         return process
 
 
@@ -116,8 +121,7 @@ def context(start_method: str, preload: tuple[str, ...] = ()) -> Context:
 class WorkerProcess(BaseProcess):
     """A worker process started by corral's fork server (see the module's docstring)."""
 
-    executes = False  # a fresh interpreter ("spawn"), or a fork of the server ("forkserver")
-    preload: tuple[str, ...] = ()  # what a fork server started for it imports first
+    server_key: ServerKey = (False, ())  # which fork server starts it (``Context.key``)
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
@@ -141,8 +145,10 @@ class Launched:
 
     def __init__(self, process: WorkerProcess) -> None:
         self.returncode: int | None = None
+        self.lock = threading.Lock()
         self.lost = False  # its keeper ended without a word: how the worker ended is unknown
-        executes = process.executes
+        key = process.server_key
+        executes = key[0]
         fds: list[int] = []
         args = []
         for arg in process._args:  # type: ignore[attr-defined]
@@ -158,7 +164,7 @@ class Launched:
         payload = pickle.dumps((executes, _preparation(process.name, executes), call))
         status_r, status_w = os.pipe()
         try:
-            _server(executes).request(payload, [status_w, *fds], process.preload)
+            _server(key).request(payload, [status_w, *fds])
         except BaseException:
             os.close(status_r)
             raise
@@ -176,18 +182,28 @@ class Launched:
         return self.wait(0 if flag == os.WNOHANG else None)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        if self.returncode is None and self.sentinel >= 0:
-            if not select.select([self.sentinel], [], [], timeout)[0]:
-                return None
-            try:
-                data = os.read(self.sentinel, _keeper.STATUS.size)
-            except OSError:
-                data = b""
-            if len(data) == _keeper.STATUS.size:
-                (self.returncode,) = _keeper.STATUS.unpack(data)
-            else:  # its keeper ended without a word (killed by someone)
-                self.returncode = _keeper.UNKNOWN_STATUS
-                self.lost = True
+        """Its exit code, waiting up to ``timeout`` for it. Safe from any thread
+        (``multiprocessing`` polls every process it knows of whenever one starts)."""
+        if self.returncode is not None:
+            return self.returncode
+        if (timeout is None or timeout > 0) and (  # the owner waits: nobody closes it meanwhile
+            self.sentinel < 0 or not select.select([self.sentinel], [], [], timeout)[0]
+        ):
+            return None
+        with self.lock:
+            if (
+                self.returncode is None
+                and self.sentinel >= 0
+                and select.select([self.sentinel], [], [], 0)[0]
+            ):
+                try:
+                    data = os.read(self.sentinel, _keeper.STATUS.size)
+                except OSError:
+                    data = b""
+                if len(data) == _keeper.STATUS.size:
+                    (self.returncode,) = _keeper.STATUS.unpack(data)
+                else:  # its keeper ended without a word (killed by someone)
+                    self.returncode = _keeper.UNKNOWN_STATUS
         return self.returncode
 
     def terminate(self) -> None:
@@ -202,9 +218,10 @@ class Launched:
                 os.kill(self.pid, signum)
 
     def close(self) -> None:
-        if self.sentinel >= 0:
-            os.close(self.sentinel)
-            self.sentinel = -1
+        with self.lock:
+            if self.sentinel >= 0:
+                os.close(self.sentinel)
+                self.sentinel = -1
 
 
 def _read_pids(status_r: int) -> tuple[int, int]:
@@ -238,26 +255,25 @@ def _preparation(name: str | None, executes: bool) -> dict[str, Any]:
 
 
 class _Server:
-    """The app's end of one fork server, started on first use and again if it has gone.
+    """The app's end of one fork server, started on first use and again if it has gone. A
+    forking one has imported the worker's module and the ``preload`` modules of its pools."""
 
-    One serves every pool of a start method: a forking one imports the worker's module and the
-    ``preload`` modules of the pool that started it (a worker imports its own pool's anyway).
-    """
-
-    def __init__(self, executes: bool) -> None:
-        self.executes = executes
+    def __init__(self, key: ServerKey) -> None:
+        self.executes, preload = key
+        self.modules = () if self.executes else ("corral._pool._worker", *preload)
+        self.users = 0  # the contexts (pools) that start workers with it
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.alive_w = -1
         self.process: subprocess.Popen[bytes] | None = None
 
-    def request(self, payload: bytes, fds: list[int], preload: tuple[str, ...]) -> None:
+    def request(self, payload: bytes, fds: list[int]) -> None:
         """Ask for a worker; the descriptors go with the request."""
         head = _keeper.HEAD.pack(len(payload), len(fds))
         with self.lock:
             for attempt in range(2):
                 if self.sock is None:
-                    self._start(() if self.executes else ("corral._pool._worker", *preload))
+                    self._start(self.modules)
                 assert self.sock is not None
                 try:
                     socket.send_fds(self.sock, [head], fds)
@@ -305,9 +321,9 @@ class _Server:
             self.process.poll()  # reaped when it has ended
             self.process = None
 
-    def stop(self) -> None:
-        """Close the app's end (the server then kills what is left below it, and exits) and
-        reap it."""
+    def stop(self, wait: bool = True) -> None:
+        """Close the app's end: the server then kills what is left below it, and exits. With
+        ``wait``, reap it now; else it is reaped later (``_reap_stopped``)."""
         with self.lock:
             process = self.process
             if self.sock is not None:
@@ -315,23 +331,53 @@ class _Server:
                 os.close(self.alive_w)
                 self.sock = None
             self.process = None
-        if process is not None:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is None:
+            return
+        if not wait:
+            _stopped.append(process)
+            return
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-_servers: dict[bool, _Server] = {}
+ServerKey = tuple[bool, tuple[str, ...]]  # executes?, preload
+_servers: dict[ServerKey, _Server] = {}
 _servers_lock = threading.Lock()
+_stopped: list[subprocess.Popen[bytes]] = []  # servers told to stop, not reaped yet
 
 
-def _server(executes: bool) -> _Server:
+def _use(key: ServerKey) -> None:
     with _servers_lock:
-        server = _servers.get(executes)
+        server = _servers.get(key)
         if server is None:
-            server = _servers[executes] = _Server(executes)
+            server = _servers[key] = _Server(key)
+        server.users += 1
+
+
+def _release(key: ServerKey) -> None:
+    """A context is gone (its pool with it); stop its server if it was the last to use it. (From
+    a finalizer, on whichever thread collected it: nothing here waits.)"""
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is None:
+            return
+        server.users -= 1
+        if server.users > 0:
+            return
+        del _servers[key]
+    server.stop(wait=False)
+
+
+def _server(key: ServerKey) -> _Server:
+    with _servers_lock:
+        _stopped[:] = [process for process in _stopped if process.poll() is None]
+        server = _servers.get(key)
+        if server is None:  # a process object made without a context (not by the supervisor)
+            server = _servers[key] = _Server(key)
+            server.users += 1
         return server
 
 
@@ -339,8 +385,13 @@ def _server(executes: bool) -> _Server:
 def _stop_servers() -> None:
     """At interpreter exit (after the pools, whose hook was registered later and so runs
     first): stop the fork servers."""
-    for server in list(_servers.values()):
+    with _servers_lock:
+        servers = list(_servers.values())
+    for server in servers:
         server.stop()
+    for process in _stopped:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
 
 
 def restart_server(context: Context) -> None:
@@ -348,7 +399,7 @@ def restart_server(context: Context) -> None:
     than it may). The starts waiting on it fail at once, and the next start starts a new one;
     the workers it started live on below their keepers."""
     with _servers_lock:
-        server = _servers.get(context.executes)
+        server = _servers.get(context.key)
     process = None if server is None else server.process
     if process is not None:
         with contextlib.suppress(OSError):

@@ -75,7 +75,13 @@ def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
 
 
 class ProtocolError(Exception):
-    """Bytes that are not a message of this protocol (the sender is broken or not ours)."""
+    """Bytes that are not a message of this protocol (the sender is broken or not ours).
+
+    ``found``: the whole frames before them, which are still good."""
+
+    def __init__(self, message: str, found: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.found = [] if found is None else found
 
 
 NO_LIMIT = 1 << 62
@@ -86,14 +92,14 @@ def frames(inbox: bytearray, data: bytes, limit: int = NO_LIMIT) -> list[bytes]:
     stays in ``inbox``. (Most reads bring whole frames to an empty inbox: nothing is copied
     into it then.)
 
-    Raises ``ProtocolError`` for a length that no frame has (negative, or over ``limit``): the
-    frames before it are lost with it, and nothing after it can be trusted.
+    Raises ``ProtocolError`` for a length that no frame has (negative, or over ``limit``), with
+    the frames before it (nothing after it can be trusted).
     """
     buffer: bytes | bytearray = data
     if inbox:
         inbox += data
         buffer = inbox
-    found = []
+    found: list[bytes] = []
     offset, end = 0, len(buffer)
     while end - offset >= HEADER.size:
         (size,) = HEADER.unpack_from(buffer, offset)
@@ -104,7 +110,7 @@ def frames(inbox: bytearray, data: bytes, limit: int = NO_LIMIT) -> list[bytes]:
             (size,) = _LONG_HEADER.unpack_from(buffer, start)
             start += _LONG_HEADER.size
         if not 0 <= size <= limit:
-            raise ProtocolError(f"a frame length of {size} bytes (the limit is {limit})")
+            raise ProtocolError(f"a frame length of {size} bytes (the limit is {limit})", found)
         if end - start < size:
             break
         found.append(bytes(buffer[start : start + size]))

@@ -239,6 +239,7 @@ class Pool:
         job_id = next(self._ids)
         now = time.monotonic()
         start_by = None if start_within is None else now + start_within
+        future: JobFuture[Any] = JobFuture(job_id, label)
         job = Job(
             id=job_id,
             label=label,
@@ -246,11 +247,11 @@ class Pool:
             frame=job_frame(job_id, start_by, body),
             timeout=timeout,
             start_by=start_by,
-            future=JobFuture(job_id, label),
+            future=future,
             submitted_at=now,
         )
         supervisor.submit(job)
-        return job.future
+        return future
 
     @overload
     async def run(

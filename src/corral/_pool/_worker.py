@@ -123,7 +123,8 @@ class _Inbox:
                 data = b""
             with self.lock:
                 self._take_in(data)
-                self.fresh = True
+                # A read that filled its buffer may have left more behind (a recall among it).
+                self.fresh = len(data) < msg.READ_SIZE
 
     def job_done(self) -> None:
         with self.lock:
@@ -364,16 +365,15 @@ class _MainLoader:
 
 class _Kept:
     """What the worker puts back after each job, if the job changed it: ``sys.stdout`` and
-    ``sys.stderr`` (so that the next job's output is not lost), the working directory, the umask
-    and the SIGTERM handler. Each is compared first, so a job that changed nothing costs a few
-    cheap calls (see docs/tuning.md for what is not put back)."""
+    ``sys.stderr`` (so that the next job's output is not lost), the working directory and the
+    umask. Each is compared first; a job that changed nothing costs about a microsecond, after
+    its reply is sent (docs/tuning.md lists what is not put back)."""
 
     def __init__(self, streams: tuple[_ChannelWriter, _ChannelWriter]) -> None:
         self.stdout, self.stderr = streams
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
-        self.sigterm = signal.getsignal(signal.SIGTERM)
 
     def restore(self) -> None:
         if sys.stdout is not self.stdout:
@@ -388,8 +388,6 @@ class _Kept:
             with contextlib.suppress(OSError):
                 os.chdir(self.cwd)
         os.umask(self.umask)  # the only way to read it sets it
-        if signal.getsignal(signal.SIGTERM) is not self.sigterm:
-            signal.signal(signal.SIGTERM, self.sigterm)
 
 
 class _TooBig(Exception):

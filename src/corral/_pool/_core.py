@@ -1,0 +1,197 @@
+"""The supervisor's decisions, without I/O: a state machine of jobs, workers and timers.
+
+Events come in as method calls: jobs submitted (``submit``, ``take_in``), a worker's messages
+(``ready``, ``reply``, ``recalled``, ``broken``...), its exit (``exited``), starts that finished or
+failed (``launched``, ``launch_failed``), timers due (``fire``), shutdown (``close``). The time is
+read from ``clock``. What has to be done comes out as actions appended to ``actions``
+(``_actions``), which the shell (``_supervisor``) carries out in order; ``dispatch`` runs after
+each round of events. The lifecycle of workers (starts, deaths, kills, shutdown) is ``_fleet``'s.
+
+Invariants (checked after every step of ``tests/test_supervisor_simulation.py``):
+
+- a job is in one place: queued, a worker's head, waiting behind one, or over (``done``);
+- a job gets one outcome (one ``Resolve``, or none if its caller cancelled it before it started);
+- nothing here refers to a job that is over: its caller alone keeps it, as long as it wants;
+- after ``dispatch``, no worker idles while a job is queued, and each job that waits behind a
+  busy worker while another idles has been recalled;
+- a job taken back without its worker's answer (``steal``) is never run by that worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from corral._exceptions import CorralError, JobCancelledError, WorkerDiedError
+from corral._pool import _messages as msg
+from corral._pool._actions import Log, Outcome, Output, Record, Signal
+from corral._pool._jobs import Jobs
+from corral._pool._link import Message
+from corral._pool._state import Job, Worker
+
+_REPLIES = (msg.RETURNED, msg.RAISED, msg.MISSED)
+
+
+class Core(Jobs):
+    """The supervisor's state: jobs (``Jobs``), and the events of the workers' lifecycle, which
+    ``fleet`` follows, and of shutdown."""
+
+    @property
+    def finished(self) -> bool:
+        """Shut down, and every worker gone."""
+        return self.fleet.finished
+
+    def received(self, worker: Worker, messages: list[Message]) -> None:
+        """What ``worker`` sent, decoded (``_link``)."""
+        for message in messages:
+            tag = message[0]
+            if tag in _REPLIES:
+                self._reply(worker, message)
+            elif tag == msg.LOG:
+                job = worker.job
+                job_id, label = (None, None) if job is None else (job.id, job.label)
+                self.actions.append(Record(message[1], job_id, label, worker.pid))
+            elif tag == msg.OUTPUT:
+                self.actions.append(Output(message[1], message[2]))
+            elif tag == msg.RECALLED:
+                self.recalled(worker, message[1])
+            elif tag == msg.READY:
+                self.fleet.ready(worker)
+            else:
+                self.fleet.init_failed(worker, message[1])
+
+    # -- the workers' lifecycle -----------------------------------------------------------------
+
+    def launched(self, token: int, pid: int) -> Worker | None:
+        """Start ``token`` gave process ``pid``: the worker (``None``: not wanted any more; the
+        shell kills it)."""
+        return self.fleet.launched(token, pid)
+
+    def launch_failed(self, token: int, cause: str) -> None:
+        self.fleet.launch_failed(token, cause)
+
+    def measured(self, worker: Worker, rss: int | None) -> None:
+        self.fleet.measured(worker, rss)
+
+    def exited(self, worker: Worker, exitcode: int | None) -> None:
+        """``worker``'s process has ended (``exitcode``: ``None`` if unknown) and everything it
+        sent has been read. Its head gets its outcome (unless it replied first); the jobs that
+        waited in it never started and go back to the front of the queue."""
+        head, worker.job = worker.job, None
+        self.timers.cancel(worker.timeout)
+        worker.timeout = None
+        unstarted = [self._unwait(worker, job_id) for job_id in list(worker.waiting)]
+        outcome = self.fleet.gone(worker, exitcode, head)
+        if worker.broken:  # nothing it said after its bad bytes was read: they may have run
+            for job in unstarted:
+                error = WorkerDiedError(
+                    f"job {job.id} ({job.reference}) waited in worker {worker.pid}, which sent a "
+                    f"malformed message and was killed; it may have started, so it is not run "
+                    f"again",
+                    job_id=job.id,
+                    pid=worker.pid,
+                    exitcode=exitcode,
+                )
+                self._resolve(job, Outcome.raised(error, "crashed"))
+        else:
+            self.return_unstarted(unstarted)
+        if head is not None and outcome is not None:
+            self._resolve(head, outcome)
+
+    def broken(self, worker: Worker, what: str) -> None:
+        """``worker`` sent bytes that are not a message: it is killed, and its head fails with
+        a ``WorkerDiedError`` that says so."""
+        worker.broken = True
+        job = worker.job
+        doing = "while idle" if job is None else f"while running job {job.id} ({job.reference})"
+        text = f"worker {worker.pid} sent a malformed message ({what}) {doing}; it was killed"
+        self.actions.append(Log(logging.ERROR, "pool %r: %s", self.name, text))
+        error = None
+        if job is not None:
+            error = WorkerDiedError(text, job_id=job.id, pid=worker.pid, exitcode=None)
+        self.fleet.kill(worker, error, graceful=False)
+
+    def write_failed(self, worker: Worker, jobs: tuple[Job, ...]) -> None:
+        """A write to ``worker`` failed at once: it has gone, and these jobs (whose frames the
+        write held) never reached it."""
+        unstarted = []
+        for job in jobs:
+            if job.done or job.worker is not worker:
+                continue
+            if worker.job is job:
+                worker.job = None
+                self.timers.cancel(worker.timeout)
+                worker.timeout = None
+            else:
+                self._unwait(worker, job.id)
+            unstarted.append(job)
+        self.fleet.kill(worker, None, graceful=False)
+        self.return_unstarted(unstarted)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def close(self, wait: bool, deadline: float | None) -> None:
+        """Stop: queued jobs are cancelled, jobs waiting in workers taken back and cancelled,
+        idle workers stopped. Running jobs finish (``wait``, up to ``deadline``) or are killed."""
+        fleet = self.fleet
+        if fleet.closing:
+            if not wait:
+                self.cancel_running(graceful=False)
+            return
+        fleet.closing = True
+        self.starts.abandon()
+        while self.queue:
+            job = self.queue.popitem(last=False)[1]
+            error = JobCancelledError(
+                f"job {job.id} ({job.reference}) was cancelled at shutdown before it started",
+                job_id=job.id,
+                started=False,
+            )
+            self._resolve(job, Outcome.raised(error, "cancelled"))
+        for worker in list(self.workers.values()):
+            if fleet.take_idle(worker):
+                fleet.stop(worker)
+            elif worker.state == "starting":
+                fleet.kill(worker, None, graceful=False)
+            elif worker.waiting:
+                fresh = [job for job in worker.waiting.values() if not job.recalling]
+                self._recall(worker, fresh)
+        if not wait:
+            self.cancel_running(graceful=False)
+        elif deadline is not None:
+            self.timers.arm(deadline, lambda: self.cancel_running(graceful=True))
+
+    def cancel_running(self, *, graceful: bool) -> None:
+        for worker in list(self.workers.values()):
+            job = worker.job
+            if job is not None:
+                error = JobCancelledError(
+                    f"job {job.id} ({job.reference}) was still running at shutdown and was killed",
+                    job_id=job.id,
+                    started=True,
+                )
+                self.fleet.kill(worker, error, graceful=graceful)
+            elif worker.state == "killing" and not graceful:
+                self.actions.append(Signal(worker.pid, signal.SIGKILL))
+
+    def fail_everything(self, error: CorralError) -> list[Worker]:
+        """Last resort after a bug in the supervisor: every job fails with ``error``, every
+        worker is killed (returned, for the shell to close)."""
+        self.fleet.closing = True
+        self.starts.abandon()
+        workers = list(self.workers.values())
+        jobs = list(self.queue.values())
+        self.queue.clear()
+        for worker in workers:
+            self.actions.append(Signal(worker.pid, signal.SIGKILL))
+            if worker.job is not None:
+                jobs.append(worker.job)
+            jobs += [self._unwait(worker, job_id) for job_id in list(worker.waiting)]
+            worker.job = None
+        self.workers.clear()
+        with self.fleet.idle_lock:
+            self.idle.clear()
+        for job in jobs:
+            if not job.done:
+                self._resolve(job, Outcome.raised(error, "failed"))
+        return workers

@@ -1,0 +1,98 @@
+"""Starting worker processes off the supervisor's thread.
+
+A process start waits on the process that starts workers (corral's fork server, ``_launch``): if
+that one is stopped or stuck, the start waits too. So each start runs on a thread of its own, and
+its result comes back to the supervisor as a command (``Supervisor.request``): supervision, and
+the callers that read replies themselves, never wait on a start. The core abandons a start that
+takes too long (``Starts``); a process it gives after all is killed here, off the supervisor's
+thread too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from corral._pool import _launch
+from corral._pool import _messages as msg
+from corral._pool._worker import worker_main
+
+Started = Callable[[int, BaseProcess, socket.socket], None]
+Failed = Callable[[int, str], None]
+
+
+class Starter:
+    """Starts workers, each on a thread of its own; hands each result over with ``hand_over``
+    (which says ``False`` when the supervisor is gone: the process is killed then)."""
+
+    def __init__(
+        self,
+        context: _launch.Context,
+        options: msg.WorkerOptions,
+        name: str,
+        hand_over: Callable[[Callable[[], None]], bool],
+    ) -> None:
+        self.context = context
+        self.options = options
+        self.name = name
+        self.hand_over = hand_over
+
+    def start(self, token: int, started: Started, failed: Failed) -> None:
+        threading.Thread(
+            target=self._start,
+            args=(token, started, failed),
+            name=f"{self.name}-start-{token}",
+            daemon=True,
+        ).start()
+
+    def _start(self, token: int, started: Started, failed: Failed) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        for sock in (parent_sock, child_sock):
+            sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
+        child_conn = Connection(child_sock.detach())
+        process = self.context.Process(
+            target=worker_main,
+            args=(child_conn, self.options),
+            name=f"{_launch.WORKER_NAME_PREFIX}{self.name}",
+        )
+        try:
+            process.start()
+        except Exception as exc:
+            parent_sock.close()
+            cause = f"a worker process could not be started: {type(exc).__name__}: {exc}"
+            self.hand_over(lambda: failed(token, cause))
+            return
+        finally:
+            child_conn.close()
+        if not self.hand_over(lambda: started(token, process, parent_sock)):
+            discard(process, parent_sock)
+
+
+def discard(process: BaseProcess, sock: socket.socket) -> None:
+    """Kill a worker process nobody wants and reap it (on a thread that may wait)."""
+    sock.close()
+    if process.pid is not None:
+        kill_group(process.pid, signal.SIGKILL)
+    process.join(30)
+    if process.exitcode is not None:
+        process.close()
+
+
+def discard_later(process: BaseProcess, sock: socket.socket) -> None:
+    """``discard`` on a thread of its own."""
+    threading.Thread(target=discard, args=(process, sock), daemon=True).start()
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    """Signal a worker's process group, or the worker alone if it has not made its group yet."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pgid, sig)
