@@ -23,6 +23,7 @@ runs longer (and ``--simulation-seed S`` replays one seed exactly).
 
 from __future__ import annotations
 
+import functools
 import gc
 import pickle
 import random
@@ -485,14 +486,14 @@ class Simulation:
                 events.append((4, sim_worker.step))
                 events.append((2, sim_worker.watch))
             elif not sim_worker.exit_reported:
-                events.append((3, lambda w=sim_worker: self.exit_seen(w)))
+                events.append((3, functools.partial(self.exit_seen, sim_worker)))
             if worker is not None and sim_worker.tx:
-                events.append((5, lambda w=worker: self.parent_reads(w, everything=False)))
+                events.append((5, functools.partial(self.parent_reads, worker, everything=False)))
             if worker is not None and worker.io.link.outbox:
                 events.append((2, worker.io.flush))
         for token, how in sorted(self.launches.items()):
             if how != "sticks":
-                events.append((3, lambda t=token: self.launch_ends(t)))
+                events.append((3, functools.partial(self.launch_ends, token)))
         events.append((3, self.time_passes))
         weights, choices = zip(*events, strict=True)
         rng.choices(choices, weights=weights)[0]()

@@ -94,12 +94,13 @@ def test_starts_that_keep_failing_back_off_fail_the_jobs_and_recover(
 
 
 def fork_server(pool: Pool) -> psutil.Process:
-    """The process that starts ``pool``'s workers."""
-    supervisor = pool._supervisor
-    assert supervisor is not None
-    server = _launch._servers[supervisor.context.executes].process
-    assert server is not None
-    return psutil.Process(server.pid)
+    """The process that starts ``pool``'s workers: the parent of their keepers (each worker's
+    parent, which kills what the worker leaves)."""
+    keeper = psutil.Process(worker_pids(pool)[0]).parent()
+    assert keeper is not None
+    server = keeper.parent()
+    assert server is not None and server.pid != os.getpid()
+    return server
 
 
 def gone(process: psutil.Process) -> bool:

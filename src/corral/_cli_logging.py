@@ -255,7 +255,9 @@ def label_pool_output(executors: Iterable[Any]) -> int:
         def labelled(*args: Any, __output: Any = output, **kwargs: Any) -> Any:
             text = args[1] if len(args) > 1 else kwargs.get("text")
             with contextlib.suppress(Exception):  # never in the way of the pool's own work
-                found = task_of_stack(sys._getframe(1))
+                label = args[2] if len(args) > 2 else kwargs.get("label")
+                pid = args[3] if len(args) > 3 else kwargs.get("pid")
+                found = (label, pid) if label is not None else task_of_stack(sys._getframe(1))
                 if found is not None and isinstance(text, str):
                     _sent.note(text, found)
             return __output(*args, **kwargs)

@@ -126,13 +126,16 @@ class Measure:
 
 
 class Output:
-    """Text a job wrote to ``stream`` (``"stdout"`` or ``"stderr"``), for the app's stream."""
+    """Text a job wrote to ``stream`` (``"stdout"`` or ``"stderr"``), for the app's stream,
+    with the label of the job the worker ran then and the worker's pid."""
 
-    __slots__ = ("stream", "text")
+    __slots__ = ("label", "pid", "stream", "text")
 
-    def __init__(self, stream: str, text: str) -> None:
+    def __init__(self, stream: str, text: str, label: str | None, pid: int | None) -> None:
         self.stream = stream
         self.text = text
+        self.label = label
+        self.pid = pid
 
 
 class Record:

@@ -52,7 +52,9 @@ class Core(Jobs):
                 job_id, label = (None, None) if job is None else (job.id, job.label)
                 self.actions.append(Record(message[1], job_id, label, worker.pid))
             elif tag == msg.OUTPUT:
-                self.actions.append(Output(message[1], message[2]))
+                job = worker.job
+                label = None if job is None else job.label
+                self.actions.append(Output(message[1], message[2], label, worker.pid))
             elif tag == msg.RECALLED:
                 self.recalled(worker, message[1])
             elif tag == msg.READY:

@@ -104,17 +104,13 @@ class Jobs:
     def dispatch(self) -> None:
         """Give queued jobs to workers: one to each idle worker, then (while jobs are still
         queued) a batch to each busy one, so that it goes from one job to the next on its own.
-        With nothing queued and a worker idle, take back what waits behind busy workers."""
+        With nothing queued and a worker idle, take back what waits behind busy workers (what
+        comes back at once, the shell dispatches again)."""
         error = self.starts.error
         if error is not None and not self.fleet.has_ready_worker():
             while self.queue:
                 self._resolve(self.queue.popitem(last=False)[1], Outcome.raised(error))
             return
-        if self.idle and self.waiting and not self.queue:
-            for worker in list(self.workers.values()):
-                if worker.waiting:
-                    fresh = [job for job in worker.waiting.values() if not job.recalling]
-                    self._recall(worker, fresh)
         while self.idle and self.queue:
             with self.fleet.idle_lock:  # submitters take idle workers too
                 if not self.idle:
@@ -132,6 +128,11 @@ class Jobs:
                 for worker in busy:
                     if self.queue and not worker.recalled:
                         self._send(worker, depth - len(worker.waiting))
+        elif self.idle and self.waiting:
+            for worker in list(self.workers.values()):
+                if worker.waiting:
+                    fresh = [job for job in worker.waiting.values() if not job.recalling]
+                    self._recall(worker, fresh)
 
     def _send(self, worker: Worker, count: int) -> None:
         """Send ``worker`` up to ``count`` queued jobs in one write (first its head, if idle)."""

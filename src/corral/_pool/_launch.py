@@ -24,6 +24,7 @@ it stops once no pool uses it (its contexts are gone), or at exit.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import multiprocessing
 import multiprocessing.spawn
@@ -146,7 +147,9 @@ class Launched:
     def __init__(self, process: WorkerProcess) -> None:
         self.returncode: int | None = None
         self.lock = threading.Lock()
-        self.lost = False  # its keeper ended without a word: how the worker ended is unknown
+        # Its keeper ended without a word: how the worker ended is unknown (``returncode`` is
+        # UNKNOWN_STATUS then). The supervisor reads this to say so instead of blaming the job.
+        self.lost = False
         key = process.server_key
         executes = key[0]
         fds: list[int] = []
@@ -204,6 +207,7 @@ class Launched:
                     (self.returncode,) = _keeper.STATUS.unpack(data)
                 else:  # its keeper ended without a word (killed by someone)
                     self.returncode = _keeper.UNKNOWN_STATUS
+                    self.lost = True  # the supervisor blames the keeper then, not the job
         return self.returncode
 
     def terminate(self) -> None:
@@ -349,26 +353,35 @@ _servers_lock = threading.Lock()
 _stopped: list[subprocess.Popen[bytes]] = []  # servers told to stop, not reaped yet
 
 
+_released: collections.deque[ServerKey] = collections.deque()  # from finalizers: no lock
+
+
 def _use(key: ServerKey) -> None:
+    """A context (a pool) will start workers with the server for ``key``. Servers that no
+    context uses any more are stopped here."""
+    unused = []
     with _servers_lock:
+        while _released:
+            released = _released.popleft()
+            server = _servers.get(released)
+            if server is not None:
+                server.users -= 1
         server = _servers.get(key)
         if server is None:
             server = _servers[key] = _Server(key)
         server.users += 1
+        for other, server in list(_servers.items()):
+            if server.users <= 0:
+                del _servers[other]
+                unused.append(server)
+    for server in unused:
+        server.stop(wait=False)
 
 
 def _release(key: ServerKey) -> None:
-    """A context is gone (its pool with it); stop its server if it was the last to use it. (From
-    a finalizer, on whichever thread collected it: nothing here waits.)"""
-    with _servers_lock:
-        server = _servers.get(key)
-        if server is None:
-            return
-        server.users -= 1
-        if server.users > 0:
-            return
-        del _servers[key]
-    server.stop(wait=False)
+    """A context is gone, and its pool with it. Called by a finalizer, on whichever thread
+    collected it, maybe while that thread holds ``_servers_lock``: only noted here."""
+    _released.append(key)
 
 
 def _server(key: ServerKey) -> _Server:

@@ -51,7 +51,11 @@ class Outlet:
 
     # -- the reading thread's side: never blocks beyond the lock ----------------------------------
 
-    def output(self, stream: str, text: str) -> None:
+    def output(
+        self, stream: str, text: str, label: str | None = None, pid: int | None = None
+    ) -> None:
+        """Hand ``text`` to the app's ``stream``; ``label`` and ``pid`` say which job and worker
+        wrote it (for whoever wraps this method to label output)."""
         self._put((stream, text), len(text))
 
     def log(self, record: logging.LogRecord) -> None:

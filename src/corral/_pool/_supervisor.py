@@ -544,7 +544,7 @@ class Supervisor:
         elif isinstance(action, Drain):
             self._drain(action.worker.io)
         elif isinstance(action, Output):
-            self.outlet.output(action.stream, action.text)
+            self.outlet.output(action.stream, action.text, action.label, action.pid)
         elif isinstance(action, Record):
             self._record(action)
         elif isinstance(action, Launch):
