@@ -29,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--simulation-steps",
         type=int,
-        default=3000,
+        default=5000,
         help="events per seed in the supervisor's simulation (the default keeps it in seconds)",
     )
     parser.addoption(

@@ -107,6 +107,15 @@ def fork_pool_printing_big_lines(count: int) -> list[int]:
         return pool.map(_print_big, range(count))
 
 
+def mark_then_hold(marker: str, fifo: str) -> int:
+    """Create ``marker``, then block until the test releases ``fifo`` (``jobs.hold``)."""
+    with open(marker, "x"):
+        pass
+    with open(fifo) as gate:
+        gate.read()
+    return os.getpid()
+
+
 def backtrack(length: int) -> bool:
     """Hold the GIL for a very long time: catastrophic backtracking inside ``re``."""
     return re.match(r"(a+)+$", "a" * length + "b") is not None

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import pickle
 import time
 from pathlib import Path
 
 import jobs
 import supervisor_jobs
 from conftest import PoolFactory, busy_pids, wait_until
+from corral._pool import _launch
+from corral._pool import _messages as msg
+from corral._pool._worker import worker_main
 from test_pool_batches import Gate
 
 
@@ -40,3 +46,51 @@ def test_jobs_are_not_sent_behind_a_job_that_holds_the_gil(
     assert not stuck.done()
     assert sum(w.waiting for w in pool.statistics().workers) == 0
     pool.shutdown(wait=False)  # kills the stuck job
+
+
+def test_a_worker_reads_a_recall_before_it_starts_a_job_that_waited(tmp_path: Path) -> None:
+    """What the supervisor counts on to take jobs back without the worker's answer: a recall
+    written while the head runs is read by the worker before it starts the job behind the head,
+    even when its watch thread (which answers recalls while a job runs) does not run, as when
+    the head holds the GIL. Here the watch thread sleeps for the whole test."""
+    _launch.install()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    options = msg.WorkerOptions(
+        initializer=None,
+        initargs_bytes=pickle.dumps(()),
+        log_level=30,
+        parent_pid=os.getpid(),
+        watch_interval=3600,
+        main=None,
+        max_result_size=None,
+        preload=(),
+    )
+    name = f"{_launch.WORKER_NAME_PREFIX}recall-test"
+    process = context.Process(target=worker_main, args=(child, options), name=name)
+    process.start()
+    child.close()
+    gate, runs, ran = Gate(tmp_path / "gate"), tmp_path / "head-runs", tmp_path / "behind-ran"
+    try:
+        assert parent.poll(30)
+        assert parent.recv_bytes() == msg.READY
+        head = pickle.dumps(("supervisor_jobs:mark_then_hold", (str(runs), gate.path), {}))
+        behind = pickle.dumps(("jobs:create", (str(ran),), {}))
+        os.write(parent.fileno(), msg.job_frame(1, None, head) + msg.job_frame(2, None, behind))
+        wait_until(runs.exists, what="the head to run")
+        parent.send_bytes(msg.RECALL + pickle.dumps([2]))
+        gate.release()
+        replies = []
+        for _ in range(2):
+            assert parent.poll(30)
+            replies.append(parent.recv_bytes())
+        assert replies[0][: msg.ID_HEAD.size] == msg.ID_HEAD.pack(msg.RETURNED, 1)
+        assert replies[1] == msg.RECALLED + pickle.dumps([2])
+        parent.send_bytes(msg.STOP)
+        process.join(10)
+        assert process.exitcode == 0
+        assert not ran.exists()
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(5)

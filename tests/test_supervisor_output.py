@@ -117,6 +117,8 @@ def test_a_stdout_nobody_reads_stalls_neither_timeouts_nor_outcomes(
         assert stats.completed == 5
     finally:
         stuck.released.set()
+        outlet = pool._supervisor.outlet  # type: ignore[union-attr]
+        wait_until(lambda: outlet.handled == outlet.queued, what="what waited to be written")
 
 
 def test_a_slow_log_handler_stalls_neither_timeouts_nor_outcomes(

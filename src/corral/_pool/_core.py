@@ -1,11 +1,12 @@
 """The supervisor's decisions, without I/O: a state machine of jobs, workers and timers.
 
-Events come in as method calls: jobs submitted (``submit``, ``take_in``), a worker's messages
-(``ready``, ``reply``, ``recalled``, ``broken``...), its exit (``exited``), starts that finished or
-failed (``launched``, ``launch_failed``), timers due (``fire``), shutdown (``close``). The time is
-read from ``clock``. What has to be done comes out as actions appended to ``actions``
-(``_actions``), which the shell (``_supervisor``) carries out in order; ``dispatch`` runs after
-each round of events. The lifecycle of workers (starts, deaths, kills, shutdown) is ``_fleet``'s.
+Events come in as method calls: jobs submitted (``submit``, ``take_in``), what a worker sent
+(``received``: decoded messages; ``broken``: bytes that are no message), its exit (``exited``),
+starts that finished or failed (``launched``, ``launch_failed``), timers due (``fire``), memory
+readings (``measured``), cancels (``kill_job``) and shutdown (``close``). The time is read from
+``clock``. What has to be done comes out as actions appended to ``actions`` (``_actions``), which
+the shell (``_shell``) carries out in order; ``dispatch`` runs after each round of events. Jobs
+are ``_jobs``'s; the workers' lifecycle (starts, deaths, kills, stops) is ``_fleet``'s.
 
 Invariants (checked after every step of ``tests/test_supervisor_simulation.py``):
 
@@ -61,6 +62,42 @@ class Core(Jobs):
                 self.fleet.ready(worker)
             else:
                 self.fleet.init_failed(worker, message[1])
+
+    # -- timers and cancels ---------------------------------------------------------------------
+
+    def fire(self) -> float:
+        """Run the timers that are due; return when the next one is (``math.inf``: none)."""
+        while (job := self.deadlines.pop_due(self.clock())) is not None:
+            job.deadline = None
+            self._deadline_passed(job)
+        while (callback := self.timers.pop_due(self.clock())) is not None:
+            callback()
+        return self.next_timer()
+
+    def next_timer(self) -> float:
+        return min(self.timers.next_at(), self.deadlines.next_at())
+
+    def _deadline_passed(self, job: Job) -> None:
+        """``job``'s start deadline passed: missed if it is queued, recalled if it waits."""
+        worker = job.worker
+        if worker is None:
+            del self.queue[job.id]
+            self._resolve(job, self._missed(job))
+        elif worker.job is not job and not job.recalling:
+            self._recall(worker, [job])
+
+    def kill_job(self, job_id: int) -> None:
+        """Stop job ``job_id``: kill the worker running it; take it back if it waits in one."""
+        for worker in list(self.workers.values()):
+            job = worker.job
+            if job is not None and job.id == job_id:
+                self._cancel_head(worker)
+                return
+            job = worker.waiting.get(job_id)
+            if job is not None:
+                job.cancel_requested = True
+                self._recall(worker, [] if job.recalling else [job])
+                return
 
     # -- the workers' lifecycle -----------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class Jobs:
         worker.writing = True
         job.future.set_running_or_notify_cancel()  # new: nobody can have cancelled it yet
         job.running = True
+        job.sends += 1
         job.worker = worker
         worker.recalled = False
         worker.job_started = self.clock()
@@ -156,6 +157,7 @@ class Jobs:
                 self._finish(job)
                 continue
             job.running = True
+            job.sends += 1
             batch.append(job)
             if behind:
                 size += len(job.frame)
@@ -259,6 +261,7 @@ class Jobs:
         if jobs:
             for job in jobs:
                 job.recalling = True
+            worker.recalls.append([(job.id, job.sends) for job in jobs])
             ids = pickle.dumps([job.id for job in jobs])
             self.actions.append(Write(worker, msg.frame(msg.RECALL + ids)))
         self.actions.append(Drain(worker))
@@ -288,17 +291,29 @@ class Jobs:
         self.return_unstarted(taken)
 
     def recalled(self, worker: Worker, job_ids: list[int]) -> None:
-        """``worker`` gave back these jobs: it had not started them."""
+        """``worker`` answers its oldest recall: it gave back these jobs, not started.
+
+        The answer is about the jobs as they were when that recall was sent (a worker answers
+        its recalls in order): a job taken back meanwhile (``steal``) and sent again, even to
+        this worker, is another sending of it (``Job.sends``), which the answer is not about."""
+        if not worker.recalls:
+            return  # an answer to no recall: nothing to give back
+        given = set(job_ids)
         returned = []
-        for job_id in job_ids:
-            # Only jobs with a recall on their way count: an answer can come after its jobs were
-            # taken back without it (``steal``) and sent again, even to this worker.
-            waiting = worker.waiting.get(job_id)
-            if waiting is not None and waiting.recalling:
-                returned.append(self._unwait(worker, job_id))
-            elif worker.job is not None and worker.job.id == job_id and worker.job.recalling:
-                returned.append(worker.job)  # taken for started, it was not: it waited
-                self._next_head(worker)
+        for job_id, sends in worker.recalls.popleft():
+            job = worker.waiting.get(job_id)
+            if job is None and worker.job is not None and worker.job.id == job_id:
+                job = worker.job
+            if job is None or job.sends != sends:
+                continue  # over, taken back already, or sent again since
+            job.recalling = False
+            if job_id not in given:
+                continue  # it had started
+            if job is worker.job:
+                self._next_head(worker)  # taken for started, it was not: it waited
+            else:
+                self._unwait(worker, job_id)
+            returned.append(job)
         self.return_unstarted(returned)
 
     def _unwait(self, worker: Worker, job_id: int) -> Job:
@@ -332,29 +347,6 @@ class Jobs:
             self.queue[job.id] = job
             self.queue.move_to_end(job.id, last=False)
 
-    # -- deadlines and cancels ------------------------------------------------------------------
-
-    def fire(self) -> float:
-        """Run the timers that are due; return when the next one is (``math.inf``: none)."""
-        while (job := self.deadlines.pop_due(self.clock())) is not None:
-            job.deadline = None
-            self._deadline_passed(job)
-        while (callback := self.timers.pop_due(self.clock())) is not None:
-            callback()
-        return self.next_timer()
-
-    def next_timer(self) -> float:
-        return min(self.timers.next_at(), self.deadlines.next_at())
-
-    def _deadline_passed(self, job: Job) -> None:
-        """``job``'s start deadline passed: missed if it is queued, recalled if it waits."""
-        worker = job.worker
-        if worker is None:
-            del self.queue[job.id]
-            self._resolve(job, self._missed(job))
-        elif worker.job is not job and not job.recalling:
-            self._recall(worker, [job])
-
     def _missed(self, job: Job) -> Outcome:
         waited = self.clock() - job.submitted_at
         error = JobMissedError(
@@ -364,19 +356,6 @@ class Jobs:
             waited=waited,
         )
         return Outcome.raised(error, "missed")
-
-    def kill_job(self, job_id: int) -> None:
-        """Stop job ``job_id``: kill the worker running it; take it back if it waits in one."""
-        for worker in list(self.workers.values()):
-            job = worker.job
-            if job is not None and job.id == job_id:
-                self._cancel_head(worker)
-                return
-            job = worker.waiting.get(job_id)
-            if job is not None:
-                job.cancel_requested = True
-                self._recall(worker, [] if job.recalling else [job])
-                return
 
     # -- outcomes -------------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ def serve(sock_fd: int, alive_fd: int, app_pid: int, preload: list[str]) -> None
                     break  # the app closed its end
                 _fork_keeper(*request, server_fds=[sock.fileno(), wake_r], watched=watched)
     finally:
-        kill_descendants(os.getpid(), wake_r)
+        kill_descendants(wake_r)
         os._exit(0)
 
 
@@ -163,7 +163,7 @@ def _keep(payload: bytes, fds: list[int], watched: list[int]) -> None:
             _write_all(pipe[1], pickle.dumps((prep, call, channel_fds)))
         os.close(pipe[1])
     status = _wait_for(worker, wake_r, watched)
-    kill_descendants(os.getpid(), wake_r)
+    kill_descendants(wake_r)
     with contextlib.suppress(OSError):
         os.write(status_fd, STATUS.pack(status))
     os._exit(0)
@@ -273,14 +273,19 @@ def prepare(prep: dict[str, Any]) -> None:
 
 def reap() -> list[tuple[int, int]]:
     """Reap every child that has ended; return their pids and wait statuses."""
+    return _reap()[0]
+
+
+def _reap() -> tuple[list[tuple[int, int]], bool]:
+    """``reap``, and whether a child is left (running, or stopped)."""
     found: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return found
+            return found, False
         if pid == 0:
-            return found
+            return found, True
         found.append((pid, status))
 
 
@@ -323,23 +328,23 @@ def descendants(root: int, children: dict[int, list[int]] | None = None) -> list
     return found
 
 
-def kill_descendants(root: int, wake_r: int | None = None) -> None:
-    """SIGKILL everything below ``root`` (this process, a subreaper) until nothing is left: what
-    a dying process starts, or leaves behind, comes to ``root`` and is found by the next round."""
+def kill_descendants(wake_r: int) -> None:
+    """SIGKILL everything below this process (a subreaper) until nothing is left: what a dying
+    process starts, or leaves behind, comes here and is found by the next round. Children are
+    reaped as they go."""
+    me = os.getpid()
     deadline = time.monotonic() + _CLEANUP_TIMEOUT
     while True:
-        reap()
-        left = descendants(root)
+        if not _reap()[1]:
+            return  # no child, so nothing below: an orphan below a subreaper becomes its child
+        left = descendants(me)
         if not left or time.monotonic() > deadline:
             return
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        if wake_r is not None:  # until a child ends (or a moment passes)
-            select.select([wake_r], [], [], 0.01)
-            _drain(wake_r)
-        else:
-            time.sleep(0.001)
+        select.select([wake_r], [], [], 0.01)  # until a child ends (or a moment passes)
+        _drain(wake_r)
 
 
 # -- small things ----------------------------------------------------------------------------------

@@ -16,8 +16,15 @@ it received them, one at a time, and reports each before it starts the next):
     ``READY``, ``INIT_FAILED`` (the traceback text)
     ``RETURNED`` id, ``pickle(value)``; ``RAISED`` id, ``pickle((exception bytes | None,
     type name, message, traceback text))``; ``MISSED`` id (past its start-by deadline, not run)
-    ``RECALLED`` ``pickle([job ids])``: given back, never started
+    ``RECALLED`` ``pickle([job ids])``: given back, never started; one answer per ``RECALL``,
+                in the order of the recalls (the supervisor matches each answer to its recall)
     ``LOG`` ``pickle(record fields)``; ``OUTPUT`` ``pickle((stream name, text))``
+
+A worker reads what came to its socket (a recall among it) before it starts a job that waited in
+it, and reports its head before it starts the next job: once a recall is written and what the
+worker sent holds no reply to its head, the supervisor knows the jobs recalled cannot have
+started, and takes them back without waiting for the answer (``Jobs.steal``), which matters when
+the head holds the GIL and the worker's watch thread cannot answer.
 
 Values travel pickled on their own, so a value that fails to unpickle in the parent never hides
 which job it belongs to.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ class Job:
     worker: Worker | None = None  # the worker it was sent to, until its outcome or its return
     recalling: bool = False  # a recall was sent for it
     cancel_requested: bool = False
+    sends: int = 0  # times it was sent to a worker (a recall's answer is about one of them)
     deadline: Timer[Job] | None = None  # its start deadline, while it has not ended
 
 
@@ -50,6 +52,7 @@ class Worker:
     writing: bool = False  # a submitter writes its head to it: nobody else writes to it
     broken: bool = False  # it sent bytes that are no message: what it did after is unknown
     timeout: Timer[Callable[[], None]] | None = None  # its head's timeout
+    recalls: deque[list[tuple[int, int]]] = field(default_factory=deque)  # unanswered: ids, sends
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""The supervisor: the I/O shell around the pool's core, on a thread of its own.
+"""The supervisor: the pool's core and its shell (``_shell``), on a thread of its own.
 
 ::
 
-    submit() --> incoming --+    (or straight to an idle worker, if the state is free)
+    submit() --> incoming --+    (or straight to an idle worker, if one is free)
                             |                          +--> worker process (its jobs in order,
       (any thread)          |   supervisor thread      |      one at a time; one reply each)
                             v                          |
@@ -22,11 +22,12 @@ process starts on starter threads (``_starter``), and jobs' output and log recor
 outlet's thread (``_outlet``).
 
 Whoever holds ``state_lock`` drives the core: the supervisor's thread (which lets go of it only
-while it waits in ``select()``), a submitter that finds it free and an idle worker (it writes its
-job to the worker itself), or a caller waiting on such a job (it reads the reply itself:
-``pick_up``). ``lock`` guards what any thread may touch without it: ``incoming``, ``commands``,
-``accepting`` and the wake-up; whoever holds both took ``state_lock`` first. ``snapshot`` reads
-plain attributes without either.
+while it waits in ``select()``), or a caller waiting on a job that ``submit`` wrote to an idle
+worker (it reads the reply itself: ``pick_up``). ``lock`` guards what any thread may touch without
+it: ``incoming``, ``commands``, ``accepting``, the wake-up and the idle list; a submitter that
+finds an idle worker takes it and writes its job to it under ``lock`` alone, whoever holds the
+state (``Jobs.submit`` says what that may touch). Whoever holds both took ``state_lock`` first.
+``snapshot`` reads plain attributes without either.
 """
 
 from __future__ import annotations
@@ -35,41 +36,27 @@ import functools
 import logging
 import math
 import os
-import pickle
 import selectors
 import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from corral._exceptions import CorralError, PoolNotRunningError, QueueFullError
 from corral._pool import _launch
-from corral._pool import _messages as msg
 from corral._pool._actions import (
-    Abandon,
-    Action,
-    Drain,
-    Launch,
-    Log,
-    Measure,
-    Output,
-    Record,
     Resolve,
     Signal,
-    Started,
-    Write,
 )
 from corral._pool._channel import Channel, rss
-from corral._pool._core import Core
 from corral._pool._jobs import WAIT_WARNING
 from corral._pool._outlet import Outlet
 from corral._pool._settings import PoolSettings
-from corral._pool._starter import Starter, discard_later, kill_group
+from corral._pool._shell import Shell
+from corral._pool._starter import kill_group
 from corral._pool._state import Job
 from corral._pool._stats import PoolStatistics, WorkerStatistics
 
@@ -136,48 +123,14 @@ class JobFuture(Future[_T]):
             output[0].wait(output[1], deadline)
 
 
-class Supervisor:
-    """Runs the workers of one pool: feeds the core its events, carries out its actions."""
+class Supervisor(Shell):
+    """Runs the workers of one pool: a thread that feeds the core its events and carries out
+    its actions (``Shell``), and what any thread may call."""
 
     def __init__(self, settings: PoolSettings, context: _launch.Context, name: str) -> None:
-        self.settings = settings
-        self.context = context
-        self.name = name
-        self.core = Core(settings, name)
-        self.counters = self.core.counters
-        self.lock = threading.Lock()
-        self.state_lock = threading.Lock()
-        self._owner: int | None = None  # the thread that holds state_lock
-        self.incoming: deque[Job] = deque()
-        self.commands: deque[Callable[[], None]] = deque()
-        self.accepting = True
-        self.finished = threading.Event()
-        self._wake_pending = False
-        self._sleeping = False  # the supervisor waits in select() with nothing taken in
-        self._sleep_until = math.inf  # when it wakes up by itself, if it sleeps
-        self._stopped = False  # its selector is closed
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._selector = selectors.DefaultSelector()
+        super().__init__(settings, context, name)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self._workers: dict[int, Channel] = {}  # by pid
-        limit = settings.max_result_size
-        self._frame_limit = msg.NO_LIMIT if limit is None else int(limit) + _FRAME_SLACK
-        self.outlet = Outlet(name)  # hands jobs' output and log records to the app
-        options = msg.WorkerOptions(
-            initializer=settings.initializer_reference,
-            initargs_bytes=pickle.dumps(settings.initargs),
-            log_level=logging.getLogger().getEffectiveLevel(),
-            parent_pid=os.getpid(),
-            watch_interval=_WATCH_INTERVAL,
-            main=_launch.parent_main(),
-            max_result_size=settings.max_result_size,  # type: ignore[arg-type]
-            preload=settings.preload,
-        )
-        self._starter = Starter(context, options, name, self._hand_over)
         self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
-
-    # -- called from any thread ---------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
@@ -255,22 +208,6 @@ class Supervisor:
     def request(self, command: Callable[[], None]) -> None:
         """Run ``command`` on the supervisor thread."""
         self._hand_over(command)
-
-    def _hand_over(self, command: Callable[[], None]) -> bool:
-        """Queue ``command`` for the supervisor thread; ``False``: it has finished."""
-        with self.lock:
-            if self.finished.is_set():
-                return False
-            self.commands.append(command)
-            self._wake()
-        return True
-
-    def _wake(self) -> None:
-        """Wake the supervisor thread if it sleeps (lock held): an awake supervisor takes
-        ``incoming`` and ``commands`` in before it next waits; a sleeping one gets one byte."""
-        if self._sleeping and not self._wake_pending:
-            self._wake_pending = True
-            os.write(self._wake_w, b"\0")
 
     def close(self, wait: bool, timeout: float | None) -> None:
         """Stop taking jobs and wind down (see ``Pool.shutdown``)."""
@@ -416,21 +353,6 @@ class Supervisor:
             or core.finished  # the last worker is gone: it ends
         )
 
-    # -- the supervisor thread ----------------------------------------------------------------
-
-    def _hold(self, deadline: float | None = None) -> bool:
-        """Take ``state_lock``, waiting no later than ``deadline`` (``time.monotonic()``)."""
-        if deadline is None:
-            self.state_lock.acquire()
-        elif not self.state_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            return False
-        self._owner = threading.get_ident()
-        return True
-
-    def _let_go(self) -> None:
-        self._owner = None
-        self.state_lock.release()
-
     def _run(self) -> None:
         self._hold()
         try:
@@ -511,200 +433,6 @@ class Supervisor:
             if not (core.idle and core.queue):
                 break
             core.dispatch()
-            self._execute()
-
-    # -- carrying out the core's actions ---------------------------------------------------------
-
-    def _execute(self) -> None:
-        """Carry out the core's actions, in order (those they lead to come after)."""
-        actions = self.core.actions
-        while actions:
-            batch = actions.copy()
-            actions.clear()
-            for action in batch:
-                self._do(action)
-
-    def _do(self, action: Action) -> None:
-        if isinstance(action, Write):
-            channel = action.worker.io
-            if not channel.write(action.data):
-                self.core.write_failed(action.worker, action.jobs)
-            elif channel.link.outbox:
-                self._watch(channel)
-        elif isinstance(action, Resolve):
-            self._resolve(action)
-        elif isinstance(action, Started):
-            future = action.job.future
-            future.worker_pid = action.worker.pid
-            future.queue_wait = action.wait
-            if future.on_start is not None:
-                self._on_start(future, action.job)
-        elif isinstance(action, Signal):
-            kill_group(action.pid, action.signal)
-        elif isinstance(action, Drain):
-            self._drain(action.worker.io)
-        elif isinstance(action, Output):
-            self.outlet.output(action.stream, action.text, action.label, action.pid)
-        elif isinstance(action, Record):
-            self._record(action)
-        elif isinstance(action, Launch):
-            self._starter.start(action.token, self._launched, self._launch_failed)
-        elif isinstance(action, Abandon):
-            if action.restart:
-                _launch.restart_server(self.context)
-        elif isinstance(action, Measure):
-            for worker in action.workers:
-                self.core.measured(worker, _launch.job_memory(worker.io.process))
-        elif isinstance(action, Log):
-            record = logger.makeRecord(
-                logger.name, action.level, __file__, 0, action.message, action.args, None
-            )
-            if logger.isEnabledFor(action.level):
-                self.outlet.log(record)  # a slow handler must not stall supervision
-
-    @staticmethod
-    def _on_start(future: JobFuture[Any], job: Job) -> None:
-        assert future.on_start is not None
-        try:
-            future.on_start(future)
-        except Exception:
-            logger.exception("on_start callback of job %d failed", job.id)
-
-    def _resolve(self, action: Resolve) -> None:
-        job, outcome = action.job, action.outcome
-        future = job.future
-        future._pickup = None  # nothing to pick up: the future need not keep the job
-        mark = self.outlet.mark()
-        if mark is not None:  # what its worker sent before its outcome goes first
-            future._output = (self.outlet, mark)
-        if outcome.error is None:
-            future.set_result(outcome.value)
-        else:
-            future.set_exception(outcome.error)
-
-    def _record(self, action: Record) -> None:
-        record = logging.makeLogRecord(action.fields)
-        record.corral_job_id = action.job_id
-        record.corral_job_label = action.label
-        record.corral_worker_pid = action.pid
-        if logging.getLogger(record.name).isEnabledFor(record.levelno):
-            self.outlet.log(record)  # handled on the outlet's thread: handlers may block
-
-    # -- starts (commands from starter threads) ---------------------------------------------------
-
-    def _launched(self, token: int, process: BaseProcess, sock: socket.socket) -> None:
-        channel = Channel(process, sock, self._frame_limit)
-        worker = self.core.launched(token, channel.pid)
-        if worker is None:
-            discard_later(process, sock)  # abandoned meanwhile, or the pool is closing
-            return
-        worker.io = channel
-        channel.worker = worker
-        self._workers[channel.pid] = channel
-        channel.on_channel = functools.partial(self._on_channel, channel)
-        self._watch(channel)
-        self._selector.register(
-            process.sentinel, selectors.EVENT_READ, functools.partial(self._on_exit, channel)
-        )
-        self._execute()
-
-    def _launch_failed(self, token: int, cause: str) -> None:
-        self.core.launch_failed(token, cause)
-        self._execute()
-
-    # -- sockets and exits ------------------------------------------------------------------------
-
-    def _watch(self, channel: Channel) -> None:
-        """Register ``channel``'s socket with the selector for reading, and for writing while its
-        outbox holds anything; not while a caller reads it, nor after its end."""
-        if channel.picker or not channel.reading or self._stopped:
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.link.outbox else 0)
-        if channel.watched:
-            self._selector.modify(channel.fd, events, channel.on_channel)
-        else:
-            self._selector.register(channel.fd, events, channel.on_channel)
-            channel.watched = True
-
-    def _unwatch(self, channel: Channel) -> None:
-        if channel.watched:
-            self._selector.unregister(channel.fd)
-            channel.watched = False
-
-    def _on_channel(self, channel: Channel, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and channel.link.outbox:
-            channel.flush()
-            if not channel.link.outbox:
-                self._watch(channel)
-        if mask & selectors.EVENT_READ and not channel.picker:  # else that caller reads it
-            self._on_readable(channel)
-        self._execute()
-
-    def _on_readable(self, channel: Channel) -> None:
-        """Read what the worker's socket holds (one read, never waiting), then each whole frame.
-        A frame a worker has only half written waits in its link: a worker stopped in the middle
-        of a write can never stall supervision."""
-        if channel.reading:
-            data = channel.read()
-            if data is not None:
-                self._on_data(channel, data)
-
-    def _on_data(self, channel: Channel, data: bytes) -> None:
-        """Hand what was read from ``channel`` to the core: messages, or its end (``b""``)."""
-        worker = channel.worker
-        if not channel.reading or worker is None:
-            return  # it broke the protocol: nothing more from it counts
-        if not data:
-            channel.reading = False
-            self._unwatch(channel)
-            return
-        messages, error = channel.link.messages(data)
-        self.core.received(worker, messages)
-        if error is not None:
-            channel.reading = False
-            channel.link.inbox.clear()
-            self._unwatch(channel)
-            self.core.broken(worker, error)
-
-    def _drain(self, channel: Channel) -> None:
-        """Read what ``channel``'s worker sent; tell the core whether the jobs recalled from it
-        can be taken back without its answer (see ``Drain``)."""
-        worker = channel.worker
-        if worker is None or channel.link.outbox or channel.picker or not channel.reading:
-            return
-        head = worker.job
-        while channel.reading and channel.readable():
-            self._on_readable(channel)
-        if worker.job is head and channel.reading and not channel.link.inbox:
-            self.core.steal(worker)
-
-    def _on_exit(self, channel: Channel, mask: int = 0) -> None:
-        if not channel.exited:
-            channel.exited = True
-            self._selector.unregister(channel.process.sentinel)
-        if channel.picker:
-            # A caller reads its socket, and may hold a reply it has not handled yet: that
-            # caller finishes this when it stops. It may wait for an end that a process the
-            # job started (holding the socket) keeps away: this ends its wait.
-            channel.shut_reading()
-            return
-        while channel.reading and channel.readable():
-            self._on_readable(channel)  # a reply sent just before the exit still counts
-        channel.reading = False
-        self._unwatch(channel)
-        channel.sock.close()
-        process = channel.process
-        process.join(0)
-        exitcode = process.exitcode
-        if getattr(getattr(process, "_popen", None), "lost", False):
-            exitcode = None  # its keeper died first: that code is not the worker's
-        process.close()
-        if channel.pid not in self.core.fleet.grace:
-            kill_group(channel.pid, signal.SIGKILL)  # whatever the job left in its group
-        self._workers.pop(channel.pid, None)
-        worker = channel.worker
-        if worker is not None and self.core.workers.get(worker.pid) is worker:
-            self.core.exited(worker, exitcode)
             self._execute()
 
     def _abandon(self) -> None:

@@ -96,6 +96,8 @@ class _Inbox:
         self.fresh = False  # the jobs here came with the last read, made while idle
         self.stopping = False
         self.closed = False
+        self.poller = select.poll()  # to see whether the socket holds anything (``_drain``)
+        self.poller.register(self.fd, select.POLLIN)
 
     def next_job(self) -> tuple[int, float, bytes] | None:
         """The next job to run, waiting for one; ``None``: stop.
@@ -138,7 +140,7 @@ class _Inbox:
 
     def _drain(self) -> None:
         """Take in what the socket holds now, without waiting (lock held)."""
-        while not self.closed and select.select([self.fd], [], [], 0)[0]:
+        while not self.closed and self.poller.poll(0):
             try:
                 data = os.read(self.fd, msg.READ_SIZE)
             except OSError:
