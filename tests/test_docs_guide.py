@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -133,7 +134,7 @@ def test_patterns_do_their_work(
     monkeypatch.setenv("APP_DATABASE", str(database))
     monkeypatch.setenv("APP_USERS_FEED", str(feed))
     now = datetime.now(UTC)
-    with sqlite3.connect(database) as db:
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
         db.execute("CREATE TABLE sessions (created_at TEXT)")
         db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
         db.executemany(

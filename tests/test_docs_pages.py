@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -105,7 +106,7 @@ async def test_initializer_opens_one_connection_per_worker(
         assert scheduler.asyncz is not None
         scheduler.asyncz.update_task("record-visit", next_run_time=datetime.now(UTC))
         (event, *_) = await recorder.count(TASK_EXECUTED, "record-visit", 1)
-    with sqlite3.connect(database) as db:
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
         assert db.execute("SELECT pid FROM visits").fetchall() == [(event.return_value,)]
     assert event.return_value != os.getpid()
 

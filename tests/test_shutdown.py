@@ -8,6 +8,7 @@ which wait for a worker when the shutdown begins is decided by the test, not by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
 import pytest
 from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED
 from asyncz.schedulers import AsyncIOScheduler
@@ -497,6 +499,39 @@ def test_a_second_sigint_under_uvicorn_stops_a_running_task_at_once(tmp_path: Pa
         assert_gone([worker])
     finally:
         server.kill()
+        server.wait()
+        assert server.stdout is not None
+        server.stdout.close()
+
+
+def test_ctrl_c_twice_under_hypercorns_worker_processes_stops_a_running_task(
+    tmp_path: Path,
+) -> None:
+    """hypercorn's default mode serves from a daemonic worker process that ignores SIGINT: the
+    first Ctrl-C (to the terminal's whole process group) reaches hypercorn's parent, which shuts
+    the worker down; corral takes the second. Its workers start from a daemonic process too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "uvicorn_app:app", "--bind", f"unix:{tmp_path}/sock"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # a terminal's process group: Ctrl-C reaches all of it
+    )
+    try:
+        output = Output(server)
+        worker = int(output.wait_for(r"long task started in worker (\d+)").split()[-1])
+        app_processes = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        os.killpg(server.pid, signal.SIGINT)
+        output.wait_for(r"letting 1 task run\(s\) finish")
+        os.killpg(server.pid, signal.SIGINT)
+        output.wait_for(r"JobCancelledError: .* was still running at shutdown")
+        assert server.wait(20) == 0
+        assert_gone([worker, *app_processes])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         assert server.stdout is not None
         server.stdout.close()

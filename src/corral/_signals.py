@@ -10,13 +10,18 @@ loop learns of a signal through its wake-up descriptor, whatever the Python-leve
 
 Python's default SIGINT handler (``KeyboardInterrupt``) is not called: raised in the middle of
 the drain it would leave the workers behind instead of stopping them. A signal set to be ignored
-stays ignored. Only the main thread can set handlers; elsewhere nothing is installed.
+stays ignored, but for SIGINT in a process that ``multiprocessing`` started: hypercorn's workers
+are such processes, and ignore SIGINT so that a terminal's Ctrl-C reaches only the server's
+parent process, which then shuts its workers down; the second Ctrl-C, which that parent takes
+no further, is corral's (and only corral's: the signal stays ignored otherwise). Only the main
+thread can set handlers; elsewhere nothing is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -48,7 +53,9 @@ def signals_call(stop: Callable[[], None]) -> Iterator[bool]:
 
     for sig in SIGNALS:
         handler = signal.getsignal(sig)
-        if handler is signal.SIG_IGN or handler is None:  # ignored, or set outside Python
+        if handler is None:  # set outside Python
+            continue
+        if handler is signal.SIG_IGN and not _ignored_for_the_parent(sig):
             continue
         previous[sig] = signal.signal(sig, on_signal)
     try:
@@ -57,3 +64,9 @@ def signals_call(stop: Callable[[], None]) -> Iterator[bool]:
         for signum, handler in previous.items():
             if signal.getsignal(signum) is on_signal:
                 signal.signal(signum, handler)
+
+
+def _ignored_for_the_parent(sig: int) -> bool:
+    """Whether ``sig``, ignored here, is ignored so that the parent process alone takes it: SIGINT
+    in a process ``multiprocessing`` started, as a server's worker (hypercorn's)."""
+    return sig == signal.SIGINT and multiprocessing.parent_process() is not None

@@ -119,6 +119,9 @@ def context(start_method: str, preload: tuple[str, ...] = ()) -> Context:
     return Context(start_method, preload)
 
 
+_DAEMONIC = threading.Lock()  # a daemonic app's flag is lifted for one start at a time
+
+
 class WorkerProcess(BaseProcess):
     """A worker process started by corral's fork server (see the module's docstring)."""
 
@@ -127,6 +130,23 @@ class WorkerProcess(BaseProcess):
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         return launch(process_obj)
+
+    def start(self) -> None:
+        """``BaseProcess.start``, from a daemonic process too, such as hypercorn's workers.
+
+        ``multiprocessing`` refuses children to a daemonic process because it is ended without
+        joining them, which would leave them running. A worker's keeper ends the worker, and
+        everything below it, when the app's process ends however it ends: nothing is left."""
+        config: dict[str, Any] = getattr(multiprocessing.current_process(), "_config", {})
+        if not config.get("daemon"):
+            super().start()
+            return
+        with _DAEMONIC:  # starts may run on several threads: the flag is put back by the last
+            config["daemon"] = False
+            try:
+                super().start()
+            finally:
+                config["daemon"] = True
 
 
 def launch(process: WorkerProcess) -> Launched:
