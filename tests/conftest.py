@@ -40,6 +40,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (the default, see pyproject.toml): two test processes per CPU, at most eight;
+    most tests wait on processes, servers and databases rather than compute. The environment
+    variable ``PYTEST_XDIST_AUTO_NUM_WORKERS`` sets another number."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist reads it
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The soak tests get time in proportion to ``--soak-jobs``, the simulation in proportion to
     ``--simulation-steps`` (the default timeout is 60 s)."""
@@ -166,8 +175,25 @@ def fresh_database(kind: str, folder: Path) -> str:
             f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql://user@host:port/db "
             f"(.ci/postgres starts one and prints its URL)"
         )
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, make_url, text
 
+    test_process = os.environ.get("PYTEST_XDIST_WORKER")
+    if test_process:  # tests run in several processes at once: a database for each
+        server = make_url(url)
+        name = f"{server.database}_{test_process}"
+        admin = create_engine(
+            server.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
+        )
+        try:
+            with admin.connect() as connection:
+                exists = connection.execute(
+                    text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                ).first()
+                if exists is None:
+                    connection.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+        url = server.set(database=name).render_as_string(hide_password=False)
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
         with engine.begin() as connection:

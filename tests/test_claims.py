@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from corral import (
     Scheduler,
     SchedulerConfig,
 )
+from corral._ledger import Claim, Coordinator
 from corral._replicas import anchored, multi_worker_server
 from netproxy import Proxy
 from schedtools import Recorder
@@ -312,3 +314,35 @@ async def test_a_shutdown_without_waiting_still_records_the_runs_that_finish_aft
         wait_until(lambda: not ledger.replicas(), timeout=30, what="the replica gone")
     finally:
         ledger.close()
+
+
+async def test_a_run_lost_before_the_scheduler_has_its_tasks_is_still_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that starts just after another died can reap the dead one's runs before its
+    own tasks are scheduled (its first lease tick comes during a slow start): the rerun waits
+    for the tasks, rather than finding no such task."""
+    url = fresh_database("sqlite", tmp_path)
+    dead = Ledger(url, lease=0.2)  # a replica that died in the middle of a run
+    dead.join()
+    scheduled = datetime(2026, 1, 1, tzinfo=UTC)
+    [claimed] = dead.claim("sum", [scheduled], 1)
+    assert claimed.claim is Claim.WON
+    expired = time.time() + 0.2
+    dead.close()
+    wait_until(lambda: time.time() > expired, what="the dead replica's lease to expire")
+
+    start = Coordinator.start
+
+    def start_then_tick(self: Coordinator) -> None:
+        start(self)
+        self._maintain()  # the first tick, before the scheduler has its tasks
+
+    monkeypatch.setattr(Coordinator, "start", start_then_tick)
+    sched = Scheduler(config(url))
+    sched.add_task(jobs.add, trigger="interval", hours=1, name="sum", args=(1, 2), rerun_lost=True)
+    async with sched:
+        recorder = Recorder().attach(sched)
+        [event] = await recorder.count(TASK_EXECUTED, "sum", 1)
+    assert event.scheduled_run_time == scheduled
+    assert event.return_value == 3

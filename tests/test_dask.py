@@ -47,6 +47,11 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).parent.parent
 
 
+def marked(path: Path) -> str:
+    """What ``dask_tasks.mark_and_block`` wrote to ``path`` (the file exists before its line)."""
+    return path.read_text().strip() if path.exists() else ""
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -220,7 +225,7 @@ async def test_a_worker_killed_during_a_run_fails_that_run_once(tmp_path: Path) 
     recorder = Recorder().attach(scheduler)
     try:
         assert await scheduler.wait_ready(60)
-        await until(marks.exists, 30, "the victim's function to run")
+        await until(lambda: marked(marks), 30, "the victim's function to run")
         victim = await until(lambda: running_on(scheduler, "victim"), 30, "the victim's start")
         os.kill(victim.pid, signal.SIGKILL)
         [died] = await recorder.count(TASK_ERROR, "victim", 1, timeout=60)
@@ -253,7 +258,7 @@ async def test_a_run_waiting_in_a_worker_that_dies_is_sent_again(tmp_path: Path)
     recorder = Recorder().attach(scheduler)
     try:
         assert await scheduler.wait_ready(60)
-        await until(first.exists, 30, "the first run's function to run")
+        await until(lambda: marked(first), 30, "the first run's function to run")
         worker = await until(lambda: running_on(scheduler, "first"), 30, "the first run")
         await until(lambda: (s := scheduler.cluster_statistics()) and s.waiting == 1)
         os.kill(worker.pid, signal.SIGKILL)
@@ -593,7 +598,7 @@ async def test_an_external_cluster_of_dask_commands(
             args=(str(marks), 60),
             executor="dask",
         )
-        await until(marks.exists, 30, "the victim's function to run")
+        await until(lambda: marked(marks), 30, "the victim's function to run")
         victim = await until(lambda: running_on(scheduler, "victim"), 30, "the victim's start")
         os.kill(victim.pid, signal.SIGKILL)
         [died] = await recorder.count(TASK_ERROR, "victim", 1, timeout=60)
@@ -611,7 +616,7 @@ async def test_an_external_cluster_of_dask_commands(
             args=(str(tmp_path / "in-flight"), 60),
             executor="dask",
         )
-        await until((tmp_path / "in-flight").exists, 30, "the run's function to run")
+        await until(lambda: marked(tmp_path / "in-flight"), 30, "the run's function to run")
         assert external.scheduler is not None
         external.scheduler.kill()
         [lost] = await recorder.count(TASK_ERROR, "in-flight", 1, timeout=60)

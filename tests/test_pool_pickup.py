@@ -75,12 +75,15 @@ def test_the_waiting_caller_reads_its_reply_and_the_supervisor_reads_the_rest(
     assert resolvers == [threading.current_thread()]
     assert not picking(pool)
 
-    # Nobody waits on this one: the supervisor thread reads its reply.
-    unwatched = pool.submit(jobs.add, 1, 2)
+    # Nobody waits on this one: the supervisor thread reads its reply. (It is held until the
+    # callback is in place: a callback added to a done future runs on the thread adding it.)
+    gate = Gate(tmp_path / "second-gate")
+    unwatched = pool.submit(jobs.hold, gate.path)
     resolvers = resolved_on(unwatched)
+    gate.release()
     wait_until(unwatched.done, what="the job to end")
     assert resolvers[0].name.endswith("-supervisor")
-    assert unwatched.result() == 3
+    assert unwatched.result() == worker_pids(pool)[0]
 
 
 def test_logs_and_output_before_the_reply_are_handled_by_the_reading_caller(

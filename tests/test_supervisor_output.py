@@ -40,6 +40,9 @@ class BrokenStream(io.TextIOBase):
     def flush(self) -> None:
         raise BrokenPipeError(32, "Broken pipe")
 
+    def close(self) -> None:
+        """Nothing to flush or close (``io.IOBase`` flushes on close, and so when collected)."""
+
 
 class StuckStream(io.TextIOBase):
     """A stream whose writes block until it is released (a pipe nobody reads)."""

@@ -22,15 +22,15 @@ async def main() -> None:
     # Both schedule "heartbeat" every second; each fire is claimed by one of them only.
     async with Scheduler(config) as first, Scheduler(config) as second:
         await asyncio.sleep(5)
-        names: dict[str | None, str] = {}
-        for running in (first, second):
-            stats = running.ledger_statistics()
-            assert stats is not None
-            names[running.replica_id] = f"scheduler {len(names) + 1}"
-            print(
-                f"{names[running.replica_id]}: won {stats.claims_won}, "
-                f"skipped {stats.claims_taken} claimed by the other"
-            )
+    names: dict[str | None, str] = {}
+    for stopped in (first, second):
+        stats = stopped.ledger_statistics()  # after shutdown: its final counts
+        assert stats is not None
+        names[stopped.replica_id] = f"scheduler {len(names) + 1}"
+        print(
+            f"{names[stopped.replica_id]}: won {stats.claims_won}, "
+            f"skipped {stats.claims_taken} claimed by the other"
+        )
     ledger = Ledger(database)
     for run in reversed(ledger.runs(task="heartbeat")):
         print(

@@ -83,7 +83,16 @@ class Claims:
         # asyncz's TASK_SUBMITTED for fires being claimed, held until the claim is decided:
         # dispatched when this replica won, dropped when another did.
         self._held: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
+        # Lost runs found before the scheduler has its tasks wait for ``ready``: a rerun needs
+        # its task, and the first reap can come while the scheduler starts.
+        self._early: list[LostRun] | None = []
         coordinator.on_lost = self._on_lost_thread
+
+    def ready(self) -> None:
+        """The scheduler has started with its tasks: report the lost runs found before."""
+        early, self._early = self._early, None
+        if early:
+            self._report_lost(early)
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -245,6 +254,9 @@ class Claims:
         self._call_soon(self._report_lost, lost)
 
     def _report_lost(self, lost: list[LostRun]) -> None:
+        if self._early is not None:
+            self._early += lost
+            return
         for run in lost:
             exc = ReplicaLostError(
                 f"task {run.task!r}, run time {run.scheduled.isoformat()}: its replica (host "

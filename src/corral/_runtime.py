@@ -145,6 +145,8 @@ class Scheduler:
         for spec in specs:
             self._schedule(spec)
         await self.asyncz.start()
+        if self._claims is not None:
+            self._claims.ready()
         logger.info(
             "corral scheduler started: %d task(s), default executor %r, %d worker(s)",
             len(specs),
