@@ -9,8 +9,10 @@ Measures, on warm pools of 2 workers:
 - throughput: ``--jobs`` no-op jobs submitted at once, until every result is in (jobs/s);
 - recovery: from a worker's crash to the next job's result.
 The floor is a raw round trip of the same pickled message over a pipe to one child process. For
-scale, a round trip between two Python threads (no process at all): the stdlib's pool and loky
+scale, a round trip between two Python threads (no process at all): the stdlib's pools and loky
 hand each job to a thread of their own and back, so they pay that on top of the floor.
+The contenders: corral's ``Pool``, the stdlib's ``ProcessPoolExecutor`` and
+``multiprocessing.Pool`` (``apply_async(...).get()``), and loky's reusable executor if installed.
 
 Every contender is measured in the same run, in turns, and with the same placement on CPUs: left
 to the scheduler, two processes that answer each other run on one CPU or on two by chance, and
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import platform
@@ -46,6 +49,7 @@ from corral import JobTimeoutError, Pool, WorkerDiedError
 
 WORKERS = 2
 MEMORY_JOBS = 100_000
+MP = "multiprocessing.Pool"
 
 
 def _echo_server(conn: Connection) -> None:
@@ -113,6 +117,12 @@ def throughput(submit: Callable[[], Any], wait: Callable[[list[Any]], object], c
     futures = [submit() for _ in range(count)]
     wait(futures)
     return count / (time.perf_counter() - start)
+
+
+def mp_pool() -> multiprocessing.pool.Pool:
+    pool = multiprocessing.get_context("forkserver").Pool(WORKERS)
+    pool.map(noop_arg, range(WORKERS * 4))  # warm: every worker started
+    return pool
 
 
 def corral_pool() -> Pool:
@@ -263,11 +273,13 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     handoff = ThreadHandOff()
     pool = corral_pool()
     executor = stdlib_pool()
+    mp = mp_pool()
     calls: dict[str, Callable[[], Any]] = {
         "raw pipe (floor)": raw.call,
         "thread hand-off (for scale)": handoff.call,
         "corral Pool": lambda: pool.submit(noop).result(),
         "stdlib ProcessPoolExecutor": lambda: executor.submit(noop).result(),
+        MP: lambda: mp.apply_async(noop).get(),
     }
     loky: Any = None
     with contextlib.suppress(ImportError):
@@ -293,9 +305,12 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
         for name in calls
     }
     floor = results["raw pipe (floor)"]
+    mp_row = results[MP]
     for row in results.values():  # ratios within this run
         row["vs_floor"] = row["median_us"] / floor["median_us"]
         row["one_core_vs_floor"] = row["one_core_median_us"] / floor["one_core_median_us"]
+        row["vs_mp"] = row["median_us"] / mp_row["median_us"]
+        row["one_core_vs_mp"] = row["one_core_median_us"] / mp_row["one_core_median_us"]
 
     def wait(futures: list[Any]) -> None:
         for future in futures:
@@ -305,6 +320,12 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     results["stdlib ProcessPoolExecutor"]["throughput"] = throughput(
         lambda: executor.submit(noop), wait, jobs
     )
+
+    def wait_mp(pending: list[Any]) -> None:
+        for result in pending:
+            result.get()
+
+    results[MP]["throughput"] = throughput(lambda: mp.apply_async(noop), wait_mp, jobs)
     if loky is not None:
         results["loky (reusable executor)"]["throughput"] = throughput(
             lambda: loky.submit(noop), wait, jobs
@@ -314,6 +335,11 @@ def measure(latency_jobs: int, jobs: int) -> dict[str, dict[str, float]]:
     handoff.close()
     pool.shutdown()
     executor.shutdown()
+    mp.close()
+    mp.join()
+    for row in results.values():
+        if "throughput" in row:
+            row["throughput_vs_mp"] = row["throughput"] / results[MP]["throughput"]
 
     results["corral Pool"]["recovery"] = recovery_corral()
     results["stdlib ProcessPoolExecutor"]["recovery"] = recovery_stdlib()
@@ -341,17 +367,20 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
     stdlib = combined["stdlib ProcessPoolExecutor"]
     lines = [
         f"{'':28} {'round trip median':>20} {'p99':>10} {'vs stdlib':>10} {'vs floor':>9} "
-        f"{'one core':>9} {'vs floor':>9} {'jobs/s':>9} {'vs stdlib':>10} {'recovery':>10}"
+        f"{'vs mp.Pool':>11} {'one core':>9} {'vs floor':>9} {'jobs/s':>9} {'vs stdlib':>10} "
+        f"{'vs mp.Pool':>11} {'recovery':>10}"
     ]
     for name, m in combined.items():
         med = m["median_us"][0]
         one = m["one_core_median_us"][0]
         row = f"{name:28} {med:>14.1f} us   {m['p99_us'][0]:>7.1f} us"
         row += f" {med / stdlib['median_us'][0]:>9.2f}x {m['vs_floor'][0]:>8.2f}x"
+        row += f" {m['vs_mp'][0]:>10.2f}x"
         row += f" {one:>6.1f} us {m['one_core_vs_floor'][0]:>8.2f}x"
         if "throughput" in m:
             tput = m["throughput"]
             row += f" {tput[0]:>9.0f} {tput[0] / stdlib['throughput'][0]:>9.2f}x"
+            row += f" {m['throughput_vs_mp'][0]:>10.2f}x"
         if "recovery" in m:
             row += f" {m['recovery'][0] * 1000:>7.1f} ms"
         if "cold_start" in m:
@@ -369,9 +398,14 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
         f"open fds {corral['parent_fds_before'][0]:.0f} -> {corral['parent_fds_after'][0]:.0f}"
     )
     lines.append(
+        f"corral vs {MP}: round trip {corral['vs_mp'][0]:.2f}x, one core "
+        f"{corral['one_core_vs_mp'][0]:.2f}x, throughput {corral['throughput_vs_mp'][0]:.2f}x"
+    )
+    lines.append(
         "round trips: caller on one CPU, worker processes on the others (every contender, in "
-        "turns); one core: all of them on one CPU; 'vs floor': the median of the ratios within "
-        "each run; medians of the repeated runs; min-max ranges are in the JSON output"
+        "turns); one core: all of them on one CPU; 'vs floor', 'vs mp.Pool': the median of the "
+        "ratios within each run; medians of the repeated runs; min-max ranges are in the JSON "
+        "output"
     )
     return "\n".join(lines)
 
@@ -389,7 +423,12 @@ def main() -> None:
     print(table(combined))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": platform.platform(), "results": combined}, out, indent=2)
+            json.dump(
+                # each run's own figures too, for ratios within a run
+                {"machine": platform.platform(), "results": combined, "runs": runs},
+                out,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

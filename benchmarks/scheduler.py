@@ -5,6 +5,9 @@
 For each executor (corral's ProcessExecutor; asyncz's AsyncIOExecutor, ThreadPoolExecutor and
 ProcessPoolExecutor), on an AsyncIOScheduler in this process, with 2 workers where there is a pool:
 - throughput: ``--tasks`` no-op tasks due now, until every outcome event has arrived;
+- add_task from another thread: the scheduler on an event loop of its own thread, a producer
+  thread adds ``--tasks`` no-op tasks due now while it runs; tasks/s from the first
+  ``add_task`` until every outcome event has arrived;
 - latency: from a run's due time to its start in the executor, and to its outcome event;
 - app loop lag while two CPU-bound sync tasks and two CPU-bound ``async def`` tasks run
   (p99 and max, and the lag over time for ``--plot``);
@@ -18,9 +21,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -76,6 +81,30 @@ class Outcomes:
         return True
 
 
+class Arrivals:
+    """Counts outcome events from whichever thread dispatches them; notes when the wanted one
+    arrived (``time.perf_counter()``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.wanted = math.inf
+        self.last = float("nan")
+        self._changed = threading.Condition()
+
+    def __call__(self, event: Any) -> None:
+        with self._changed:
+            self.count += 1
+            if self.count >= self.wanted:
+                self.last = time.perf_counter()
+                self.wanted = math.inf
+                self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            self.wanted = count
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
 async def started(make: Callable[[], Any]) -> tuple[AsyncIOScheduler, Outcomes]:
     scheduler = AsyncIOScheduler(
         executors={"default": make()},
@@ -107,6 +136,40 @@ async def throughput(make: Callable[[], Any], count: int) -> float:
     elapsed = time.perf_counter() - begin
     await stop(scheduler)
     return count / elapsed if done else float("nan")
+
+
+def from_a_thread(make: Callable[[], Any], count: int) -> float:
+    """tasks/s with the scheduler on an event loop of its own thread while a producer thread
+    calls ``add_task`` ``count`` times (no-op tasks due now): from the first ``add_task`` until
+    every outcome event has arrived. A first task warms the executor before the clock starts."""
+    scheduler = AsyncIOScheduler(
+        executors={"default": make()},
+        task_defaults={"mistrigger_grace_time": 3600, "coalesce": False, "max_instances": 1},
+        isolated_event_loop=True,  # its own loop, on a thread of its own
+    )
+    arrivals = Arrivals()
+    scheduler.add_listener(arrivals, TASK_EXECUTED | TASK_ERROR | TASK_MISSED)
+    scheduler.start()
+    loop_thread = scheduler.event_loop_thread
+    scheduler.add_task(noop, trigger=at(datetime.now(UTC)), id="warm")
+    arrivals.wait(1, timeout=60)
+    time.sleep(0.5)  # every worker of a pool started
+    began: list[float] = []
+
+    def produce() -> None:
+        now = datetime.now(UTC)
+        began.append(time.perf_counter())
+        for i in range(count):
+            scheduler.add_task(noop, trigger=at(now), id=f"from-thread-{i}")
+
+    producer = threading.Thread(target=produce, name="producer")
+    producer.start()
+    done = arrivals.wait(1 + count, timeout=300)
+    producer.join()
+    scheduler.shutdown(wait=True)
+    if loop_thread is not None:
+        loop_thread.join(30)
+    return count / (arrivals.last - began[0]) if done else float("nan")
 
 
 async def latency(make: Callable[[], Any], count: int = 200) -> dict[str, float]:
@@ -186,6 +249,8 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
     lag_series: dict[str, list[float]] = {}
     for name, make in EXECUTORS.items():
         row: dict[str, float] = {"throughput": await throughput(make, tasks)}
+        # Blocks this loop while it runs: the scheduler has a loop of its own.
+        row["from_thread"] = from_a_thread(make, tasks)
         row.update(await latency(make))
         lag, series = await loop_lag(make)
         row.update(lag)
@@ -231,6 +296,17 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
         "lower the app loop's p99 lag is than with asyncz's ThreadPoolExecutor; recovery nan:"
     )
     lines.append("never (in-process executors: the crash ends the app itself)")
+    lines.append("")
+    lines.append(
+        "add_task from another thread (the scheduler on its own loop thread; from the first"
+    )
+    lines.append("add_task until every outcome event has arrived):")
+    lines.append(f"{'':28}{'tasks/s':>9}{'vs thread':>10}")
+    for name, m in combined.items():
+        lines.append(
+            f"{name:28}{m['from_thread'][0]:>9.0f}"
+            f"{m['from_thread'][0] / base['from_thread'][0]:>9.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -296,7 +372,12 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
-                {"machine": platform.platform(), "cpus": os.cpu_count(), "results": combined},
+                {
+                    "machine": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "results": combined,
+                    "runs": runs,  # each run's own figures, for ratios within a run
+                },
                 out,
                 indent=2,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from asyncz.events.constants import (
@@ -14,7 +15,7 @@ from asyncz.events.constants import (
 )
 
 import jobs
-from corral import Scheduler, SchedulerConfig
+from corral import ProcessExecutor, Scheduler, SchedulerConfig, _executor
 from schedtools import Recorder
 
 pytestmark = pytest.mark.anyio
@@ -89,3 +90,42 @@ async def test_max_instances_above_workers_is_warned_at_start(
     [warning] = [r.getMessage() for r in caplog.records if "max_instances=5" in r.getMessage()]
     assert "Task 'wide'" in warning and "workers=2" in warning
     assert "raise workers or lower max_instances" in warning
+
+
+def test_waits_warn_once_a_minute_per_task_and_for_five_tasks_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of many tasks that all wait gives five lines and a count, not a line each; a
+    task is warned about again after a minute. (Only the clock is simulated.)"""
+    now = [1000.0]
+    monkeypatch.setattr(_executor, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    executor = ProcessExecutor(workers=2)
+    waited = SimpleNamespace(queue_wait=2.5)  # a job's future, as far as the warning reads
+
+    def started(task_id: str) -> None:
+        run = SimpleNamespace(task_id=task_id)
+        executor._note_start(run, datetime.now(UTC), waited)  # type: ignore[arg-type]
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if "for a free worker" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    caplog.set_level(logging.WARNING, logger="corral.executor")
+    for i in range(100):
+        started(f"task-{i}")
+    started("task-0")
+    lines = warnings()
+    assert [line.split("'")[1] for line in lines] == [f"task-{i}" for i in range(5)]
+    assert all("waited 2.5 s" in line and "raise workers=" in line for line in lines)
+
+    now[0] += 30  # the same minute: nothing new
+    started("task-99")
+    assert warnings() == []
+
+    now[0] += 31  # a minute on: a line, with the count of the runs not warned about
+    started("task-0")
+    started("task-1")
+    [first, second] = warnings()
+    assert "Task 'task-0' waited" in first and "97 more run(s) waited" in first
+    assert "Task 'task-1' waited" in second and "more run(s)" not in second

@@ -37,6 +37,7 @@ from corral._pool._supervisor import WAIT_WARNING, JobFuture
 from corral._runs import Run, RunExecutor, missed_event
 
 _WAIT_WARNING_EVERY = 60.0  # seconds between two warnings of one task waiting for a worker
+_WAIT_WARNINGS_AT_MOST = 5  # tasks warned about in one such interval (then a count)
 BUSY_CLAIM_DELAY = 0.25
 """Seconds a replica with no free worker waits before it claims a fire (with a database)."""
 
@@ -82,7 +83,10 @@ class ProcessExecutor(RunExecutor):
             options=options,
         )
         self.pool: Pool | None = None
-        self._wait_warned: dict[str, float] = {}
+        self._wait_warned: dict[str, float] = {}  # task id -> when last warned (the last minute)
+        self._wait_window = -_WAIT_WARNING_EVERY  # when the interval began
+        self._wait_tasks = 0  # tasks warned about in it
+        self._wait_unwarned = 0  # runs that waited without a warning of their own in it
         self.run_observers: list[Callable[[str, JobFuture[Any], float | None], None]] = []
         """Called at each job's outcome, on the event loop: (task id, the job's future, the
         seconds it ran or ``None`` if it never started); ``future.queue_wait`` is how long it
@@ -167,7 +171,8 @@ class ProcessExecutor(RunExecutor):
 
     def _started(self, run: Run, run_time: datetime, future: Any) -> None:
         super()._started(run, run_time, future)
-        self._deliver(log_running, self._log, run.task, run_time, future)
+        if self._log.isEnabledFor(logging.INFO):  # else nothing for the loop to do
+            self._deliver(log_running, self._log, run.task, run_time, future)
 
     def _on_outcome(self, run: Run, future: concurrent.futures.Future[Any]) -> None:
         run_time = run.run_times[run.index]
@@ -202,21 +207,35 @@ class ProcessExecutor(RunExecutor):
     def _note_start(
         self, run: Run, run_time: datetime, future: concurrent.futures.Future[Any]
     ) -> None:
-        """Where and when the run started; a WARNING (once a minute per task) if it waited."""
+        """A WARNING if the run waited for a worker: at most once a minute per task, and for at
+        most five tasks a minute (a burst of many tasks gives a count, not a line for each)."""
         wait = getattr(future, "queue_wait", None)
         if wait is None or wait <= WAIT_WARNING:
             return
         now = time.monotonic()
-        if now - self._wait_warned.get(run.task_id, -_WAIT_WARNING_EVERY) < _WAIT_WARNING_EVERY:
+        if now - self._wait_window >= _WAIT_WARNING_EVERY:  # a new interval
+            self._wait_window, self._wait_tasks = now, 0
+            self._wait_warned = {
+                task: at for task, at in self._wait_warned.items() if now - at < _WAIT_WARNING_EVERY
+            }
+        warned = (
+            now - self._wait_warned.get(run.task_id, -_WAIT_WARNING_EVERY) < _WAIT_WARNING_EVERY
+        )
+        if warned or self._wait_tasks >= _WAIT_WARNINGS_AT_MOST:
+            self._wait_unwarned += 1
             return
         self._wait_warned[run.task_id] = now
+        self._wait_tasks += 1
+        others, self._wait_unwarned = self._wait_unwarned, 0
         self._log.warning(
             "Task %r waited %.1f s for a free worker (all %d were busy or starting); "
             "raise workers= or spread the tasks' schedules (warned at most once a minute "
-            "per task; pool statistics count every wait: 'waited')",
+            "per task, for five tasks a minute; pool statistics count every wait: "
+            "'waited')%s",
             run.task_id,
             wait,
             self.settings.workers,
+            f"; {others} more run(s) waited since the last warning" if others else "",
         )
 
 
