@@ -14,6 +14,8 @@ import pickle
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +170,9 @@ def test_large_and_small_jobs_queued_behind_a_busy_worker_all_return_their_value
     assert [future.result(10) for future in futures] == values
 
 
-def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() -> None:
-    """The worker checks each job's deadline itself (``time.monotonic()`` is the same clock in
-    every process), so a job sent ahead is never run late, even if no recall reaches it."""
+def bare_worker(name: str, watch_interval: float) -> tuple[BaseProcess, Connection]:
+    """A worker process with no pool, on a pipe whose other end the test holds: the test
+    plays the supervisor."""
     _launch.install()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
@@ -179,15 +181,22 @@ def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() 
         initargs_bytes=pickle.dumps(()),
         log_level=30,
         parent_pid=os.getpid(),
-        watch_interval=0.1,
+        watch_interval=watch_interval,
         main=None,
         max_result_size=None,
         preload=(),
     )
-    name = f"{_launch.WORKER_NAME_PREFIX}deadline-test"
+    name = f"{_launch.WORKER_NAME_PREFIX}{name}"
     process = context.Process(target=worker_main, args=(child, options), name=name)
     process.start()
     child.close()
+    return process, parent
+
+
+def test_a_worker_skips_a_job_whose_start_deadline_passed_before_it_got_to_it() -> None:
+    """The worker checks each job's deadline itself (``time.monotonic()`` is the same clock in
+    every process), so a job sent ahead is never run late, even if no recall reaches it."""
+    process, parent = bare_worker("deadline-test", watch_interval=0.1)
     try:
         assert parent.poll(30)
         assert parent.recv_bytes() == msg.READY

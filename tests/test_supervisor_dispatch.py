@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import time
@@ -11,10 +10,8 @@ from pathlib import Path
 import jobs
 import supervisor_jobs
 from conftest import PoolFactory, busy_pids, wait_until
-from corral._pool import _launch
 from corral._pool import _messages as msg
-from corral._pool._worker import worker_main
-from test_pool_batches import Gate
+from test_pool_batches import Gate, bare_worker
 
 
 def running_for(pool_stats: object, pid: int) -> float:
@@ -53,23 +50,7 @@ def test_a_worker_reads_a_recall_before_it_starts_a_job_that_waited(tmp_path: Pa
     written while the head runs is read by the worker before it starts the job behind the head,
     even when its watch thread (which answers recalls while a job runs) does not run, as when
     the head holds the GIL. Here the watch thread sleeps for the whole test."""
-    _launch.install()
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    options = msg.WorkerOptions(
-        initializer=None,
-        initargs_bytes=pickle.dumps(()),
-        log_level=30,
-        parent_pid=os.getpid(),
-        watch_interval=3600,
-        main=None,
-        max_result_size=None,
-        preload=(),
-    )
-    name = f"{_launch.WORKER_NAME_PREFIX}recall-test"
-    process = context.Process(target=worker_main, args=(child, options), name=name)
-    process.start()
-    child.close()
+    process, parent = bare_worker("recall-test", watch_interval=3600)
     gate, runs, ran = Gate(tmp_path / "gate"), tmp_path / "head-runs", tmp_path / "behind-ran"
     try:
         assert parent.poll(30)
