@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import time
 from pathlib import Path
 
 import anyio
@@ -75,9 +76,14 @@ def test_cancelling_run_under_trio_kills_the_running_job(pool: Pool) -> None:
             )
             nursery.cancel_scope.cancel()
 
+    began = time.monotonic()
     trio.run(main)
-    wait_until(lambda: pool.statistics().cancelled == 1, what="the cancel to be counted")
+    stats = wait_until(
+        lambda: (s := pool.statistics()).cancelled == 1 and s, what="the cancel to be counted"
+    )
+    assert stats.completed == 0  # killed, not run to its end
     wait_until(lambda: not busy_pids(pool), what="the worker to be free")
+    assert time.monotonic() - began < 60  # long before the job's own end
 
 
 def test_cancelling_run_under_trio_takes_back_a_job_that_has_not_started(
