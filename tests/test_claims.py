@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_SUBMITTED
@@ -346,3 +348,80 @@ async def test_a_run_lost_before_the_scheduler_has_its_tasks_is_still_rerun(
         [event] = await recorder.count(TASK_EXECUTED, "sum", 1)
     assert event.scheduled_run_time == scheduled
     assert event.return_value == 3
+
+
+async def test_a_rerun_waits_for_the_run_in_progress_instead_of_being_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost run of a ``max_instances=1`` task is rerun after the task's run in progress on
+    another replica ends: a rerun is not a new fire, and past max_instances it waits."""
+    url = fresh_database("sqlite", tmp_path)
+    scheduled = datetime(2026, 1, 1, tzinfo=UTC)
+    dead = Ledger(url, lease=0.2)  # died in the middle of the fire at ``scheduled``
+    dead.join()
+    [lost] = dead.claim("sum", [scheduled], 1)
+    expired = time.time() + 0.2
+    dead.close()
+    busy = Ledger(url, lease=3600)  # alive, running the task's next fire
+    busy.join()
+    [running] = busy.claim("sum", [scheduled + timedelta(hours=1)], 2)
+    assert (lost.claim, running.claim) == (Claim.WON, Claim.WON)
+    wait_until(lambda: time.time() > expired, what="the dead replica's lease to expire")
+    caplog.set_level(logging.INFO, logger="corral.ledger")
+    sched = Scheduler(config(url))
+    sched.add_task(jobs.add, trigger="interval", hours=1, name="sum", args=(1, 2), rerun_lost=True)
+    try:
+        async with sched:
+            recorder = Recorder().attach(sched)
+            await asyncio.to_thread(
+                wait_until,
+                lambda: "Rerun of task 'sum' waits" in caplog.text,
+                60,
+                "the rerun to wait for the run in progress",
+            )
+            assert not recorder.matching(TASK_EXECUTED, "sum")
+            assert busy.finish(running.run_id, "executed")  # type: ignore[arg-type]
+            [event] = await recorder.count(TASK_EXECUTED, "sum", 1, timeout=60)
+        assert (event.scheduled_run_time, event.return_value) == (scheduled, 3)
+        runs = busy.runs(task="sum", limit=None)
+        assert [(r.scheduled, r.attempt, r.status) for r in runs] == [
+            (scheduled + timedelta(hours=1), 0, "executed"),
+            (scheduled, 1, "executed"),
+            (scheduled, 0, "lost"),
+        ]
+    finally:
+        busy.close()
+
+
+async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncz's contract: runs handed over before ``shutdown()`` run. With a database, a fire
+    is handed over when its claim is sent: the drain waits for the claim, then for the run."""
+    url = fresh_database("sqlite", tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    claim_many = Ledger.claim_many
+
+    def slow_claim(self: Ledger, requests: Any) -> Any:
+        entered.set()
+        release.wait(60)  # the database answers late
+        return claim_many(self, requests)
+
+    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    sched = Scheduler(config(url))
+    sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    await asyncio.to_thread(entered.wait, 60)
+    stopping = asyncio.ensure_future(sched.shutdown())
+    await asyncio.sleep(0)  # the drain has begun, the claim still in flight
+    assert not stopping.done()
+    release.set()
+    await stopping
+    [event] = recorder.matching(TASK_EXECUTED, "sum")
+    assert event.return_value == 3
+    ledger = Ledger(url)
+    try:
+        assert [r.status for r in ledger.runs(task="sum")] == ["executed"]
+    finally:
+        ledger.close()

@@ -26,7 +26,8 @@ async def in_the_loop(executor: Executor) -> int:
 
 
 if __name__ == "__main__":
-    with Pool(workers=2) as pool, pool.executor(timeout=1) as executor:
+    # preload: workers import this script as they start, not within its first job's timeout.
+    with Pool(workers=2, preload=["__main__"]) as pool, pool.executor(timeout=1) as executor:
         print(list(executor.map(square, range(6))))  # one job per call, in order
         print(asyncio.run(in_the_loop(executor)))
         try:

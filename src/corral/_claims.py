@@ -6,7 +6,8 @@ send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one t
       TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
 outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.on_event -> Ledger.finish
 lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
-                           rerun_lost tasks are claimed again (attempt + 1) and run here
+                           rerun_lost tasks are claimed again (attempt + 1) and run here,
+                           after the runs in progress when max_instances are (not skipped)
 ```
 
 Executors know one thing of it: they call :meth:`Claims.claim` instead of running at once, and
@@ -41,7 +42,7 @@ from corral._exceptions import (
     WorkerDiedError,
 )
 from corral._ledger import Claim, ClaimResult, Coordinator, LostRun, RunStatus
-from corral._ledger._records import micros
+from corral._ledger._records import from_micros, micros
 from corral._ledger._schema import safe_url
 
 if TYPE_CHECKING:
@@ -50,12 +51,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("corral.ledger")
 
 OUTCOME_EVENTS = TASK_EXECUTED | TASK_ERROR | TASK_MISSED
+# Seconds between a rerun's claims while the task's instances are all in progress.
+RERUN_RETRY = 1.0
 
 
 class ClaimingExecutor(Protocol):
-    """What :class:`Claims` needs of an executor: a way to run fires it won."""
+    """What :class:`Claims` needs of an executor: a way to run fires it won, and to know that a
+    claim is in flight (a shutdown waits for it, as for a run handed over)."""
 
     def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None: ...
+
+    def claim_sent(self) -> None: ...
+
+    def claim_settled(self) -> None: ...
 
 
 class Claims:
@@ -86,6 +94,8 @@ class Claims:
         # Lost runs found before the scheduler has its tasks wait for ``ready``: a rerun needs
         # its task, and the first reap can come while the scheduler starts.
         self._early: list[LostRun] | None = []
+        # Reruns waiting for a free instance of their task, and the handle of their next claim.
+        self._waiting: dict[tuple[str, tuple[int, ...]], asyncio.TimerHandle] = {}
         coordinator.on_lost = self._on_lost_thread
 
     def ready(self) -> None:
@@ -115,6 +125,8 @@ class Claims:
         def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
             self._call_soon(self._settle, executor, task, run_times, results, error, attempt)
 
+        executor.claim_sent()
+
         def send() -> None:
             self.coordinator.claim(task_id, run_times, task.max_instances, done, attempt=attempt)
 
@@ -142,6 +154,20 @@ class Claims:
         error: BaseException | None,
         attempt: int,
     ) -> None:
+        try:
+            self._decide(executor, task, run_times, results, error, attempt)
+        finally:
+            executor.claim_settled()
+
+    def _decide(
+        self,
+        executor: ClaimingExecutor,
+        task: TaskType,
+        run_times: list[datetime],
+        results: list[ClaimResult] | None,
+        error: BaseException | None,
+        attempt: int,
+    ) -> None:
         task_id = str(task.id)
         held = self._held.pop(_key(task_id, run_times), []) if attempt == 0 else []
         won = [r for r in (results or ()) if r.claim is Claim.WON]
@@ -152,7 +178,19 @@ class Claims:
             self._report_unclaimed(task, run_times, error)
             return
         full = [r.scheduled for r in results if r.claim is Claim.FULL]
-        if full:
+        if full and attempt > 0:
+            # A rerun is not skipped like a new fire: it waits for an instance to be free.
+            logger.info(
+                "Rerun of task %r waits for one of its max_instances=%d runs in progress "
+                "across replicas to finish; trying again in %.0f s",
+                task_id,
+                task.max_instances,
+                RERUN_RETRY,
+            )
+            self._waiting[_key(task_id, full)] = self.loop.call_later(
+                RERUN_RETRY, self._rerun, task_id, full, attempt
+            )
+        elif full:
             logger.warning(
                 "Execution of task %r skipped: maximum number of running instances reached "
                 "(%d) across replicas",
@@ -244,9 +282,17 @@ class Claims:
             started_at=run.started_at,
         )
 
-    def cancel_open(self) -> None:
-        """Forget runs that will report nothing (the ledger records them cancelled on leave)."""
-        self._open.clear()
+    def stop(self) -> None:
+        """The scheduler is stopping (on the loop): reruns still waiting will not run."""
+        for (task_id, scheduled), handle in self._waiting.items():
+            handle.cancel()
+            logger.warning(
+                "Rerun of task %r (run time %s) not run: the scheduler stopped while it waited "
+                "for a free instance; its run stays reported lost in the ledger",
+                task_id,
+                ", ".join(from_micros(at).isoformat() for at in scheduled),
+            )
+        self._waiting.clear()
 
     # -- lost runs ------------------------------------------------------------------------------
 
@@ -282,18 +328,19 @@ class Claims:
                 )
             )
             if self.rerun_lost(run.task):
-                self._rerun(run)
+                self._rerun(run.task, [run.scheduled], run.attempt + 1)
 
-    def _rerun(self, run: LostRun) -> None:
+    def _rerun(self, task_id: str, scheduled: list[datetime], attempt: int) -> None:
+        self._waiting.pop(_key(task_id, scheduled), None)
         try:
-            task = self.scheduler.get_task(run.task)
+            task = self.scheduler.get_task(task_id)
             executor = self.scheduler.lookup_executor(task.executor)
         except Exception:  # the task is not scheduled here (any more)
-            logger.warning("Lost run of task %r not rerun: no such task here", run.task)
+            logger.warning("Lost run of task %r not rerun: no such task here", task_id)
             return
         if task is None:
             return
-        self.claim(executor, task, [run.scheduled], attempt=run.attempt + 1)
+        self.claim(executor, task, scheduled, attempt=attempt)
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         try:

@@ -5,7 +5,9 @@ and that ``shutdown(wait=True)`` returns once they are over. corral keeps that p
 ``shutdown_timeout``:
 
 1. The pool goes on taking jobs while the executor's runs drain: runs still waiting for a worker
-   start when one frees up, and a run with several due run times goes on to the next.
+   start when one frees up, and a run with several due run times goes on to the next. With a
+   database, fires handed over whose claim is still in flight are waited for too, and run if
+   won.
 2. When none is left, or at the deadline, the pool shuts down. What still runs then is stopped
    (SIGTERM, ``kill_grace``, SIGKILL); what waits is cancelled, and so are the run times a run
    had not reached: each is reported as a ``JobCancelledError``.
@@ -48,6 +50,7 @@ class Drain:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._runs = 0
+        self._claims = 0
         self._thread: threading.Thread | None = None
         self._wakers: list[Callable[[], None]] = []
         self.finished = threading.Event()
@@ -71,6 +74,18 @@ class Drain:
         with self._cond:
             self._runs -= 1
             if self._runs <= 0:
+                self._cond.notify_all()
+
+    def claim_sent(self) -> None:
+        """Fires handed over are being claimed (with a database): until the pool shuts down,
+        the drain waits for them as for runs."""
+        with self._cond:
+            self._claims += 1
+
+    def claim_settled(self) -> None:
+        with self._cond:
+            self._claims -= 1
+            if self._claims <= 0:
                 self._cond.notify_all()
 
     def begin(
@@ -124,10 +139,10 @@ class Drain:
     ) -> None:
         try:
             if not cancel_queued:
-                self._wait_for_runs(deadline, hand_over)
+                self._wait_for_runs(deadline, hand_over, claims=True)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             pool.shutdown(wait=True, timeout=left)
-            self._wait_for_runs(None, hand_over)
+            self._wait_for_runs(None, hand_over, claims=False)
         finally:
             with self._cond:
                 self.finished.set()
@@ -135,11 +150,13 @@ class Drain:
             for wake in wakers:
                 wake()
 
-    def _wait_for_runs(self, deadline: float | None, hand_over: Callable[[], None]) -> None:
-        """Return when no run is left, or at ``deadline``."""
+    def _wait_for_runs(
+        self, deadline: float | None, hand_over: Callable[[], None], *, claims: bool
+    ) -> None:
+        """Return when no run (and with ``claims``, no claim) is left, or at ``deadline``."""
         while True:
             with self._cond:
-                if self._runs <= 0:
+                if self._runs <= 0 and (not claims or self._claims <= 0):
                     return
                 wait = _TICK if deadline is None else min(_TICK, deadline - time.monotonic())
                 if wait <= 0:

@@ -252,6 +252,12 @@ class _ClaimsFirst:
             return
         self.claims.claim(self, task, list(run_times))
 
+    def claim_sent(self) -> None:
+        """asyncz's own executors do not wait for claims in flight at shutdown."""
+
+    def claim_settled(self) -> None:
+        pass
+
     def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
         if rerun:
             task = copy.copy(task)

@@ -134,6 +134,14 @@ class RunExecutor(BaseExecutor):
     def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
         self.send_task(task, run_times)
 
+    def claim_sent(self) -> None:
+        """A claim is in flight: a shutdown waits for it as for a run (its fires were handed
+        over before the shutdown)."""
+        self._drain.claim_sent()
+
+    def claim_settled(self) -> None:
+        self._drain.claim_settled()
+
     def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
         """Run fires this replica claimed (a rerun of a lost run ignores the grace time)."""
         self._start_run(task, run_times, grace=None if rerun else task.mistrigger_grace_time)

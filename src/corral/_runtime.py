@@ -328,6 +328,7 @@ class Scheduler:
     async def _leave_ledger(self) -> None:
         claims, self._claims = self._claims, None
         if claims is not None:
+            claims.stop()
             await anyio.to_thread.run_sync(claims.coordinator.stop)
             self._final_ledger_statistics = claims.coordinator.statistics()
 
@@ -336,6 +337,7 @@ class Scheduler:
         claims, self._claims = self._claims, None
         if claims is None:
             return
+        claims.stop()
         drains = [
             executor._drain.finished
             for executor in (self._process_executor, self._dask_executor)

@@ -13,7 +13,8 @@ The claim protocol:
    IMMEDIATE``; PostgreSQL: an advisory lock on the task's name). The replica whose insert
    succeeds runs the fire; the others see a conflict and skip it.
 3. Runs handed over together (one ``send_task``) share a batch and count as one instance, as
-   in asyncz; past ``max_instances`` batches in progress, the fire is recorded ``skipped``.
+   in asyncz; past ``max_instances`` batches in progress, the fire is recorded ``skipped``
+   (a rerun records nothing then: its claimer tries again later).
 4. Each replica renews its lease; a replica whose lease expired is deleted by exactly one
    survivor (the delete is the decision), which marks its runs in progress ``lost`` in the
    same transaction and reports them.
@@ -65,6 +66,14 @@ _RENEW = (
 )
 _IN_PROGRESS = select(func.count(func.distinct(runs.c.batch))).where(
     and_(runs.c.task == bindparam("task"), runs.c.status == "claimed")
+)
+
+_RUN_EXISTS = select(runs.c.id).where(
+    and_(
+        runs.c.task == bindparam("task"),
+        runs.c.scheduled_us == bindparam("scheduled_us"),
+        runs.c.attempt == bindparam("attempt"),
+    )
 )
 
 
@@ -179,6 +188,12 @@ class Ledger:
         in_progress = connection.execute(_IN_PROGRESS, {"task": task}).scalar_one()
         full = in_progress >= max_instances
         for moment in request.scheduled:
+            if full and attempt > 0:  # a rerun waits for an instance: nothing recorded yet
+                taken = connection.execute(
+                    _RUN_EXISTS, {"task": task, "scheduled_us": micros(moment), "attempt": attempt}
+                ).first()
+                results.append(ClaimResult(moment, Claim.TAKEN if taken else Claim.FULL))
+                continue
             values = {
                 "task": task,
                 "scheduled_us": micros(moment),
