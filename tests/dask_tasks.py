@@ -62,3 +62,10 @@ def hog(megabytes: int) -> int:
     held = b"x" * (megabytes * 2**20)
     time.sleep(30)
     return len(held)
+
+
+def memory_target() -> tuple[int, object]:
+    """This worker's pid and its Dask memory target (corral's embedded cluster: ``False``)."""
+    import dask
+
+    return os.getpid(), dask.config.get("distributed.worker.memory.target")

@@ -425,3 +425,32 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
         assert [r.status for r in ledger.runs(task="sum")] == ["executed"]
     finally:
         ledger.close()
+
+
+async def test_a_claim_answered_late_does_not_make_its_fire_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mistrigger_grace_time`` measures how late the scheduler hands a fire over, not how long
+    the database takes to answer its claim."""
+    url = fresh_database("sqlite", tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    claim_many = Ledger.claim_many
+
+    def slow_claim(self: Ledger, requests: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return claim_many(self, requests)
+
+    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    due = datetime.now(UTC)
+    sched = Scheduler(config(url, mistrigger_grace_time=0.5))
+    sched.add_task(jobs.add, trigger="date", run_date=due, name="sum", args=(1, 2))
+    async with sched:
+        recorder = Recorder().attach(sched)
+        await asyncio.to_thread(entered.wait, 60)
+        await asyncio.to_thread(
+            wait_until, lambda: datetime.now(UTC) - due > timedelta(seconds=1), 60, "a late answer"
+        )
+        release.set()
+        [event] = await recorder.count(TASK_EXECUTED, "sum", 1, timeout=60)
+    assert event.return_value == 3

@@ -43,7 +43,8 @@ from corral._decorator import make_spec
 from corral._ledger import Ledger
 from schedtools import Recorder
 
-pytestmark = pytest.mark.anyio
+# Real Dask processes, each importing Dask: slow to start on a busy machine.
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 ROOT = Path(__file__).parent.parent
 
 
@@ -271,6 +272,39 @@ async def test_a_run_waiting_in_a_worker_that_dies_is_sent_again(tmp_path: Path)
         assert second.read_text().split() != [str(worker.pid)]
     finally:
         await scheduler.shutdown()
+
+
+async def test_a_worker_restarted_too_slowly_for_dask_is_replaced_with_its_config() -> None:
+    """On a busy machine a nanny can take longer to restart its worker than Dask's
+    ``lost-worker-timeout``: ``LocalCluster`` then drops that worker for good. corral starts a
+    new one, and a restarted worker keeps the embedded cluster's settings (no memory target)."""
+    import dask
+
+    scheduler = Scheduler(config(workers=1), tasks=[every(dask_tasks.memory_target, "probe")])
+    recorder = Recorder()
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "10ms"}):  # any restart
+        await scheduler.start()
+        recorder.attach(scheduler)
+        try:
+            assert await scheduler.wait_ready(60)
+            [first] = await recorder.count(TASK_EXECUTED, "probe", 1, timeout=60)
+            killed, target = first.return_value
+            assert target is False
+            os.kill(killed, signal.SIGKILL)
+            later = await until(
+                lambda: [
+                    e
+                    for e in recorder.matching(TASK_EXECUTED, "probe")
+                    if e.return_value[0] != killed
+                ],
+                120,
+                "a run on a new worker",
+            )
+            assert later[0].return_value[1] is False  # the embedded settings, after a restart
+            assert await scheduler.wait_ready(60)
+            assert cluster_size(scheduler) == 1
+        finally:
+            await scheduler.shutdown()
 
 
 async def test_max_memory_is_the_embedded_workers_memory_limit() -> None:

@@ -14,6 +14,6 @@ def test_deploy_replicas_example_runs_each_fire_once_between_two_schedulers() ->
     won = {name: int(count) for name, count in re.findall(r"(scheduler \d): won (\d+)", out)}
     assert set(won) == {"scheduler 1", "scheduler 2"}
     fires = re.findall(r"^(\d\d:\d\d:\d\d) executed by (scheduler \d) in worker \d+$", out, re.M)
-    assert len(fires) >= 3
+    assert len(fires) >= 5  # the example runs until five fires have run
     assert max(Counter(time for time, _ in fires).values()) == 1  # never both
     assert sum(won.values()) >= len(fires)

@@ -7,6 +7,8 @@ import asyncio
 import os
 import tempfile
 
+from asyncz.events.constants import TASK_EXECUTED
+
 from corral import Ledger, Scheduler, SchedulerConfig, scheduler
 
 
@@ -20,8 +22,19 @@ async def main() -> None:
     database = f"sqlite:///{folder}/corral.db"  # one file shared by every process on this host
     config = SchedulerConfig(enabled=True, workers=1, database=database)
     # Both schedule "heartbeat" every second; each fire is claimed by one of them only.
+    executed: list[object] = []
+    five = asyncio.Event()
+
+    def on_executed(event: object) -> None:  # from whichever scheduler won the fire
+        executed.append(event)
+        if len(executed) == 5:
+            five.set()
+
     async with Scheduler(config) as first, Scheduler(config) as second:
-        await asyncio.sleep(5)
+        for running in (first, second):
+            assert running.asyncz is not None
+            running.asyncz.add_listener(on_executed, TASK_EXECUTED)
+        await five.wait()
     names: dict[str | None, str] = {}
     for stopped in (first, second):
         stats = stopped.ledger_statistics()  # after shutdown: its final counts

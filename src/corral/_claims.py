@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncz.events import TaskExecutionEvent, TaskSubmissionEvent
@@ -59,7 +59,9 @@ class ClaimingExecutor(Protocol):
     """What :class:`Claims` needs of an executor: a way to run fires it won, and to know that a
     claim is in flight (a shutdown waits for it, as for a run handed over)."""
 
-    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None: ...
+    def run_claimed(
+        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
+    ) -> None: ...
 
     def claim_sent(self) -> None: ...
 
@@ -119,11 +121,14 @@ class Claims:
         ``executor.run_claimed`` (on the loop; the executor takes the task's instance then)."""
         task_id = str(task.id)
         run_times = list(run_times)
+        handed_at = datetime.now(UTC)  # lateness is the scheduler's, not the claim's
         if attempt == 0:
             self._held[_key(task_id, run_times)] = []
 
         def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
-            self._call_soon(self._settle, executor, task, run_times, results, error, attempt)
+            self._call_soon(
+                self._settle, executor, task, run_times, results, error, attempt, handed_at
+            )
 
         executor.claim_sent()
 
@@ -153,9 +158,10 @@ class Claims:
         results: list[ClaimResult] | None,
         error: BaseException | None,
         attempt: int,
+        handed_at: datetime,
     ) -> None:
         try:
-            self._decide(executor, task, run_times, results, error, attempt)
+            self._decide(executor, task, run_times, results, error, attempt, handed_at)
         finally:
             executor.claim_settled()
 
@@ -167,6 +173,7 @@ class Claims:
         results: list[ClaimResult] | None,
         error: BaseException | None,
         attempt: int,
+        handed_at: datetime,
     ) -> None:
         task_id = str(task.id)
         held = self._held.pop(_key(task_id, run_times), []) if attempt == 0 else []
@@ -211,7 +218,9 @@ class Claims:
         for result in won:
             assert result.run_id is not None
             self._open[(task_id, micros(result.scheduled))] = _OpenRun(result.run_id)
-        executor.run_claimed(task, [r.scheduled for r in won], rerun=attempt > 0)
+        executor.run_claimed(
+            task, [r.scheduled for r in won], rerun=attempt > 0, handed_at=handed_at
+        )
 
     def _report_unclaimed(
         self, task: TaskType, run_times: list[datetime], error: BaseException | None

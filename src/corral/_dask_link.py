@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -223,6 +224,9 @@ class ClusterLink:
             if self._cluster is None:
                 with dask.config.set(_EMBEDDED_CONFIG):
                     self._cluster = await distributed.LocalCluster(
+                        # Each nanny passes this to the workers it starts, restarts included
+                        # (the global config is back to the user's after this block).
+                        config=copy.deepcopy(dask.config.config),
                         n_workers=self.size,
                         threads_per_worker=1,
                         processes=True,
@@ -300,6 +304,22 @@ class ClusterLink:
                 )
         with self._lock:
             self._worker_info = workers
+        self._keep_size()
+
+    def _keep_size(self) -> None:
+        """An embedded cluster gets back a worker whose restart took longer than Dask's
+        ``lost-worker-timeout`` (a busy machine): ``LocalCluster`` then closes its nanny and
+        drops it for good, unless asked to start its workers again."""
+        cluster = self._cluster
+        if cluster is None or self._closing or len(cluster.workers) >= self.size:
+            return
+        logger.warning(
+            "corral: the embedded Dask cluster lost a worker whose restart took too long; "
+            "starting a new one (%d of %d running)",
+            len(cluster.workers),
+            self.size,
+        )
+        cluster.scale(self.size)
 
     async def _pause(self, seconds: float) -> None:
         assert self._wake is not None
@@ -313,7 +333,9 @@ class ClusterLink:
             if client is not None and self._outage is None:
                 await self._refresh_workers(client)
                 info = self._worker_info.values()
-                if sum(1 for w in info if w.get("status", "running") == "running") >= wanted:
+                running = sum(1 for w in info if w.get("status", "running") == "running")
+                cluster = self._cluster  # a worker whose nanny is being dropped is not back
+                if running >= wanted and (cluster is None or len(cluster.workers) >= wanted):
                     return True
             await asyncio.sleep(0.1)
 

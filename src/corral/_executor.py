@@ -258,7 +258,10 @@ class _ClaimsFirst:
     def claim_settled(self) -> None:
         pass
 
-    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
+    def run_claimed(
+        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
+    ) -> None:
+        # (asyncz's own executors measure lateness when the run starts, as asyncz does.)
         if rerun:
             task = copy.copy(task)
             task.mistrigger_grace_time = None

@@ -7,7 +7,8 @@ event, handed to the scheduler's event loop (outcomes that arrive together in on
 With a database, the run times are claimed first and only the fires won run here.
 
 ``mistrigger_grace_time`` measures how late the scheduler hands a run over (as in asyncz), not
-how long it then waits for a worker: a run handed over in time waits for one as long as it takes.
+how long its claim then takes or how long it waits for a worker: a run handed over in time waits
+for them as long as it takes.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class RunExecutor(BaseExecutor):
             # the fires come back won.
             self.claims.claim(self, task, run_times, delay=self._claim_delay())
             return
-        self._start_run(task, list(run_times), grace=task.mistrigger_grace_time)
+        self._start_run(task, list(run_times), task.mistrigger_grace_time, datetime.now(UTC))
 
     def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
         self.send_task(task, run_times)
@@ -142,11 +143,17 @@ class RunExecutor(BaseExecutor):
     def claim_settled(self) -> None:
         self._drain.claim_settled()
 
-    def run_claimed(self, task: TaskType, run_times: list[datetime], *, rerun: bool) -> None:
-        """Run fires this replica claimed (a rerun of a lost run ignores the grace time)."""
-        self._start_run(task, run_times, grace=None if rerun else task.mistrigger_grace_time)
+    def run_claimed(
+        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
+    ) -> None:
+        """Run fires this replica claimed, handed over at ``handed_at`` (the claim's time is
+        not lateness; a rerun of a lost run ignores the grace time)."""
+        grace = None if rerun else task.mistrigger_grace_time
+        self._start_run(task, run_times, grace, handed_at)
 
-    def _start_run(self, task: TaskType, run_times: list[datetime], grace: float | None) -> None:
+    def _start_run(
+        self, task: TaskType, run_times: list[datetime], grace: float | None, handed_at: datetime
+    ) -> None:
         # The instance is taken before the first job is submitted, so an outcome that arrives at
         # once releases an instance that is really held.
         task_id = str(task.id)
@@ -155,7 +162,7 @@ class RunExecutor(BaseExecutor):
                 raise MaximumInstancesError(task_id, task.max_instances)
             self.instances[task_id] += 1
             self._drain.run_started()
-        run = Run(task, task_id, str(task.store_alias), run_times, datetime.now(UTC), grace)
+        run = Run(task, task_id, str(task.store_alias), run_times, handed_at, grace)
         try:
             self._submit_next(run)
         except BaseException:
