@@ -8,6 +8,8 @@ Measures, on warm pools of 2 workers:
   of them on one CPU: what a round trip costs in CPU time);
 - throughput: ``--jobs`` no-op jobs submitted at once, until every result is in (jobs/s);
 - recovery: from a worker's crash to the next job's result.
+Every contender is called from a thread other than the main one, as an app's request threads
+call a pool.
 The floor is a raw round trip of the same pickled message over a pipe to one child process. For
 scale, a round trip between two Python threads (no process at all): the stdlib's pools and loky
 hand each job to a thread of their own and back, so they pay that on top of the floor.
@@ -39,7 +41,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from bench_jobs import die, ignore_sigterm_and_sleep, noop, noop_arg
@@ -47,6 +49,7 @@ from report import combine, p99
 
 from corral import JobTimeoutError, Pool, WorkerDiedError
 
+_T = TypeVar("_T")
 WORKERS = 2
 MEMORY_JOBS = 100_000
 MP = "multiprocessing.Pool"
@@ -410,6 +413,18 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def on_a_caller_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` on a thread of its own, as an app's request threads call a pool (the
+    main thread, where signal handlers run, never reads a reply itself: docs/tuning.md)."""
+    result: list[_T] = []
+    caller = threading.Thread(target=lambda: result.append(function(*args)), name="caller")
+    caller.start()
+    caller.join()
+    if not result:
+        raise RuntimeError("the measurement failed on its thread (its traceback is above)")
+    return result[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=20_000)
@@ -417,7 +432,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    runs = [measure(args.latency_jobs, args.jobs) for _ in range(args.repeat)]
+    runs = [on_a_caller_thread(measure, args.latency_jobs, args.jobs) for _ in range(args.repeat)]
     combined = combine(runs)
     print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {WORKERS} workers")
     print(table(combined))

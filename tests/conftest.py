@@ -51,14 +51,38 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The soak tests get time in proportion to ``--soak-jobs``, the simulation in proportion to
-    ``--simulation-steps`` (the default timeout is 60 s)."""
-    soak = 60 + config.getoption("--soak-jobs") / 50
-    simulation = 60 + config.getoption("--simulation-steps") / 500
+    ``--simulation-steps`` (the default timeout is 180 s)."""
+    soak = 180 + config.getoption("--soak-jobs") / 50
+    simulation = 180 + config.getoption("--simulation-steps") / 500
     for item in items:
         if item.path.stem == "test_soak":
             item.add_marker(pytest.mark.timeout(soak))
         elif item.path.stem == "test_supervisor_simulation":
             item.add_marker(pytest.mark.timeout(simulation))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Tests marked ``off_main_thread`` run on a thread of their own, as an app's worker thread
+    would call the pool: a caller there reads its job's reply itself, which the main thread
+    (where signal handlers run) never does."""
+    if pyfuncitem.get_closest_marker("off_main_thread") is None:
+        return None
+    arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pyfuncitem.obj(**arguments)
+        except BaseException as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=run, name="test-caller")
+    caller.start()
+    caller.join()
+    if raised:
+        raise raised[0]
+    return True
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +335,60 @@ def test_a_worker_that_stops_reading_cannot_stall_supervision(make_pool: PoolFac
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)
+
+
+class Interrupted(BaseException):
+    """What the test's signal handler raises on the main thread, as Ctrl-C raises
+    ``KeyboardInterrupt``."""
+
+
+def test_signals_interrupting_the_main_thread_as_it_submits_and_reads_lose_nothing(
+    make_pool: PoolFactory,
+) -> None:
+    """A signal handler that raises (Ctrl-C's ``KeyboardInterrupt``) can strike the main thread
+    anywhere while it submits a job or reads its reply. Every job still ends with an outcome,
+    the pool goes on, and it shuts down: nothing is left holding its state."""
+    assert threading.current_thread() is threading.main_thread()
+    pool = make_pool(workers=2)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    go, storm = threading.Event(), threading.Event()
+    interrupts = 0
+
+    def strike() -> None:
+        go.wait()
+        gaps = itertools.cycle([0.0, 0.00005, 0.0001, 0.0003, 0.0007])
+        while not storm.wait(next(gaps)):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    striker = threading.Thread(target=strike)
+    striker.start()
+    futures: list[Future[Any]] = []
+    try:
+        go.set()
+        for number in range(3000):
+            try:
+                futures.append(pool.submit(jobs.echo, number))
+                futures[-1].result(30)
+            except Interrupted:
+                interrupts += 1
+    finally:
+        storm.set()
+        while True:  # the storm's last signals may still come in
+            with contextlib.suppress(Interrupted):
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                break
+        striker.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert interrupts > 100  # the storm did strike
+    for future in futures:  # each ended: its value, or the worker killed under a cut reply
+        error = future.exception(60)
+        assert error is None or isinstance(error, WorkerDiedError), error
+    assert pool.submit(jobs.echo, "after").result(30) == "after"
+    stopping = threading.Thread(target=pool.shutdown)
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive(), "the pool's shutdown hung"

@@ -27,6 +27,9 @@ from conftest import PoolFactory, assert_gone, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError
 from test_pool_batches import Gate, hold_the_only_worker
 
+# As an app's worker thread calls the pool (the main thread never reads a reply itself).
+pytestmark = pytest.mark.off_main_thread
+
 
 def picking(pool: Pool) -> bool:
     supervisor = pool._supervisor

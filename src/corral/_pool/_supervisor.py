@@ -151,7 +151,7 @@ class Supervisor(Shell):
                     max_queued=self.settings.queue_size,
                 )
             self.counters.submitted += 1
-            if core.idle and not self.incoming and self._send_now(job):
+            if core.idle and not self.incoming and _may_drive() and self._send_now(job):
                 return
             self.incoming.append(job)
             self._wake()
@@ -286,8 +286,10 @@ class Supervisor(Shell):
         (``time.monotonic()``), or at once if the job is not its worker's head any more or
         another thread reads.
         """
-        if self._owner == threading.get_ident():
-            return  # a done-callback run while this thread handles replies: it cannot wait here
+        if self._owner == threading.get_ident() or not _may_drive():
+            # A done-callback run while this thread handles replies cannot wait here; the main
+            # thread waits for the supervisor thread to read the reply.
+            return
         if not self._hold(deadline):
             return  # the state stayed busy past the caller's deadline
         try:
@@ -462,3 +464,11 @@ class Supervisor(Shell):
 
 def _reraise(exc: BaseException) -> None:
     raise exc
+
+
+def _may_drive() -> bool:
+    """Whether this thread may drive the pool's state (``_send_now``, ``pick_up``): not the
+    main thread. Python runs signal handlers there, between any two lines, and one that raises
+    (Ctrl-C's ``KeyboardInterrupt``) would leave the state, or the selector under it, halfway
+    through a change. The main thread hands its jobs to the supervisor thread and waits."""
+    return threading.current_thread() is not threading.main_thread()
