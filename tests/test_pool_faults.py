@@ -350,13 +350,22 @@ def test_signals_interrupting_the_main_thread_as_it_submits_and_reads_lose_nothi
     the pool goes on, and it shuts down: nothing is left holding its state."""
     assert threading.current_thread() is threading.main_thread()
     pool = make_pool(workers=2)
+    armed = False  # the handler raises only while the pool's code runs (not the test's own)
 
     def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted
+        if armed:
+            raise Interrupted
 
-    previous = signal.signal(signal.SIGUSR1, interrupt)
+    def round_trip(number: int) -> None:
+        nonlocal armed
+        armed = True
+        try:
+            futures.append(pool.submit(jobs.echo, number))
+            futures[-1].result(30)
+        finally:
+            armed = False
+
     go, storm = threading.Event(), threading.Event()
-    interrupts = 0
 
     def strike() -> None:
         go.wait()
@@ -364,29 +373,25 @@ def test_signals_interrupting_the_main_thread_as_it_submits_and_reads_lose_nothi
         while not storm.wait(next(gaps)):
             os.kill(os.getpid(), signal.SIGUSR1)
 
+    previous = signal.signal(signal.SIGUSR1, interrupt)
     striker = threading.Thread(target=strike)
     striker.start()
     futures: list[Future[Any]] = []
+    interrupts = 0
     try:
         go.set()
         for number in range(3000):
             try:
-                futures.append(pool.submit(jobs.echo, number))
-                futures[-1].result(30)
+                round_trip(number)
             except Interrupted:
                 interrupts += 1
     finally:
         storm.set()
-        while True:  # the storm's last signals may still come in
-            with contextlib.suppress(Interrupted):
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-                break
         striker.join()
         signal.signal(signal.SIGUSR1, previous)
-    assert interrupts > 100  # the storm did strike
-    for future in futures:  # each ended: its value, or the worker killed under a cut reply
-        error = future.exception(60)
-        assert error is None or isinstance(error, WorkerDiedError), error
+    assert interrupts > 10  # the storm did strike
+    for future in futures:  # each ended: its value (the main thread drives nothing)
+        assert future.exception(60) is None
     assert pool.submit(jobs.echo, "after").result(30) == "after"
     stopping = threading.Thread(target=pool.shutdown)
     stopping.start()

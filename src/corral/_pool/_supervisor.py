@@ -243,7 +243,8 @@ class Supervisor(Shell):
                     state=worker.state,
                     job_id=None if job is None else job.id,
                     job_label=None if job is None else job.label,
-                    running_for=None if job is None else now - worker.job_started,
+                    # (a job that started since ``now``: 0)
+                    running_for=None if job is None else max(0.0, now - worker.job_started),
                     rss=rss(channel.ps),
                     jobs_done=worker.jobs_done,
                     waiting=len(worker.waiting),
