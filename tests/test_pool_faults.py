@@ -350,10 +350,13 @@ def test_signals_interrupting_the_main_thread_as_it_submits_and_reads_lose_nothi
     the pool goes on, and it shuts down: nothing is left holding its state."""
     assert threading.current_thread() is threading.main_thread()
     pool = make_pool(workers=2)
-    armed = False  # the handler raises only while the pool's code runs (not the test's own)
+    # The handler raises only while the pool's code runs (not the test's own), once a call.
+    armed = False
 
     def interrupt(signum: int, frame: object) -> None:
+        nonlocal armed
         if armed:
+            armed = False
             raise Interrupted
 
     def round_trip(number: int) -> None:

@@ -125,10 +125,14 @@ class Claims:
         if attempt == 0:
             self._held[_key(task_id, run_times)] = []
 
+        def settle(results: list[ClaimResult] | None, error: BaseException | None) -> None:
+            try:
+                self._settle(executor, task, run_times, results, error, attempt, handed_at)
+            finally:
+                executor.claim_settled()
+
         def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
-            self._call_soon(
-                self._settle, executor, task, run_times, results, error, attempt, handed_at
-            )
+            self._call_soon(settle, results, error)
 
         executor.claim_sent()
 
@@ -151,21 +155,6 @@ class Claims:
         return True
 
     def _settle(
-        self,
-        executor: ClaimingExecutor,
-        task: TaskType,
-        run_times: list[datetime],
-        results: list[ClaimResult] | None,
-        error: BaseException | None,
-        attempt: int,
-        handed_at: datetime,
-    ) -> None:
-        try:
-            self._decide(executor, task, run_times, results, error, attempt, handed_at)
-        finally:
-            executor.claim_settled()
-
-    def _decide(
         self,
         executor: ClaimingExecutor,
         task: TaskType,
