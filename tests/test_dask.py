@@ -277,20 +277,25 @@ async def test_a_run_waiting_in_a_worker_that_dies_is_sent_again(tmp_path: Path)
 async def test_a_worker_restarted_too_slowly_for_dask_is_replaced_with_its_config() -> None:
     """On a busy machine a nanny can take longer to restart its worker than Dask's
     ``lost-worker-timeout``: ``LocalCluster`` then drops that worker for good. corral starts a
-    new one, and a restarted worker keeps the embedded cluster's settings (no memory target)."""
+    new one, and a restarted worker keeps the embedded cluster's settings (no memory target).
+    Here a timeout's restart (the nanny waits 4 s for the hung worker, then kills it) outlasts
+    a lost-worker-timeout of 3 s."""
     import dask
 
-    scheduler = Scheduler(config(workers=1), tasks=[every(dask_tasks.memory_target, "probe")])
+    specs = [
+        once(dask_tasks.hang, "hang", timeout=1),
+        every(dask_tasks.memory_target, "probe", seconds=0.5),
+    ]
+    scheduler = Scheduler(config(workers=1), tasks=specs)
     recorder = Recorder()
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "10ms"}):  # any restart
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "3s"}):
         await scheduler.start()
         recorder.attach(scheduler)
         try:
             assert await scheduler.wait_ready(60)
-            [first] = await recorder.count(TASK_EXECUTED, "probe", 1, timeout=60)
-            killed, target = first.return_value
-            assert target is False
-            os.kill(killed, signal.SIGKILL)
+            [timed_out] = await recorder.count(TASK_ERROR, "hang", 1, timeout=120)
+            assert isinstance(timed_out.exception, JobTimeoutError)
+            killed = timed_out.exception.pid
             later = await until(
                 lambda: [
                     e

@@ -6,8 +6,9 @@ send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one t
       TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
 outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.on_event -> Ledger.finish
 lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
-                           rerun_lost tasks are claimed again (attempt + 1) and run here,
-                           after the runs in progress when max_instances are (not skipped)
+                           rerun_lost tasks are claimed again (attempt + 1) and run here;
+                           while max_instances runs are in progress, a rerun waits (never
+                           skipped)
 ```
 
 Executors know one thing of it: they call :meth:`Claims.claim` instead of running at once, and
