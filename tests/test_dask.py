@@ -656,6 +656,7 @@ async def test_an_external_cluster_of_dask_commands(
             executor="dask",
         )
         await until(lambda: marked(tmp_path / "in-flight"), 30, "the run's function to run")
+        await until(lambda: running_on(scheduler, "in-flight"), 30, "its start, seen by corral")
         assert external.scheduler is not None
         external.scheduler.kill()
         [lost] = await recorder.count(TASK_ERROR, "in-flight", 1, timeout=60)

@@ -540,7 +540,7 @@ def _unavailable(job: _Job, address: str, why: str) -> ClusterUnavailableError:
 
 
 def _lost(job: _Job, address: str) -> ClusterUnavailableError:
-    where = f"it had started on {job.worker}" if job.worker else "it had not started"
+    where = f"it had started on {job.worker}" if job.worker else "no start of it had been reported"
     return ClusterUnavailableError(
         f"run {job.id} ({job.reference}): the connection to the Dask scheduler at {address} "
         f"was lost while the run was in flight ({where}); whether it ran to its end is "
