@@ -412,6 +412,7 @@ async def test_a_signal_while_draining_still_reaches_a_handler_of_the_event_loop
             signal.raise_signal(signal.SIGTERM)
             await asyncio.wait_for(stopped.wait(), 10)
             await asyncio.wait_for(seen_by_loop.wait(), 10)
+        assert stopped.is_set() and seen_by_loop.is_set()  # both saw the one signal
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
