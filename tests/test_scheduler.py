@@ -282,8 +282,10 @@ async def test_a_run_that_waits_for_a_worker_past_its_grace_time_still_runs() ->
     sched = Scheduler(
         config(workers=1),
         tasks=[
-            spec(tasks.block, "hog", args=(1.0,), seconds=10),
-            spec(tasks.where, "late", seconds=0.2, mistrigger_grace_time=0.1),
+            # Runs of "late" wait up to 3 s behind the hog, past a grace time that even a busy
+            # machine's scheduler keeps when it hands a run over.
+            spec(tasks.block, "hog", args=(3.0,), seconds=10),
+            spec(tasks.where, "late", seconds=0.2, mistrigger_grace_time=1.0),
         ],
     )
     async with sched:
