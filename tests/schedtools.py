@@ -36,7 +36,7 @@ class Recorder:
         ]
 
     async def wait(
-        self, predicate: Callable[[], Any], timeout: float = 20, what: str = "events"
+        self, predicate: Callable[[], Any], timeout: float = 60, what: str = "events"
     ) -> Any:
         async def loop() -> Any:
             while not (value := predicate()):
@@ -52,7 +52,7 @@ class Recorder:
                 f"{[(e.code, getattr(e, 'task_id', None)) for e in self.events]}"
             ) from None
 
-    async def count(self, code: int, task_id: str | None, n: int, timeout: float = 20) -> list[Any]:
+    async def count(self, code: int, task_id: str | None, n: int, timeout: float = 60) -> list[Any]:
         return await self.wait(  # type: ignore[no-any-return]
             lambda: len(found := self.matching(code, task_id)) >= n and found,
             timeout,

@@ -19,6 +19,11 @@ import jobs
 from conftest import PoolFactory, busy_pids, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError, WorkerStartError
 from corral._pool import _launch
+from corral._pool._actions import Abandon, Action, Launch
+from corral._pool._settings import PoolSettings
+from corral._pool._starts import LAUNCH_DEADLINE, Starts
+from corral._pool._state import Counters
+from corral._pool._timers import Timers
 from test_pool_batches import Gate
 
 
@@ -189,3 +194,61 @@ def test_a_worker_whose_keeper_is_killed_is_reported_as_such_not_as_its_job(
     assert caught.value.exitcode is None
     wait_until(lambda: pool.wait_ready(0), timeout=30, what="a replacement worker")
     assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+class StartsOnAClock:
+    """The core's start bookkeeping alone, on a clock the test moves (no process)."""
+
+    def __init__(self, start_timeout: float) -> None:
+        self.now = 0.0
+        self.timers: Timers[Callable[[], None]] = Timers()
+        self.actions: list[Action] = []
+        self.starts = Starts(
+            PoolSettings(workers=2, start_timeout=start_timeout),
+            "sim",
+            lambda: self.now,
+            self.timers,
+            self.actions,
+            Counters(),
+            top_up=lambda: None,
+        )
+
+    def launch(self) -> int:
+        self.starts.start(1)
+        [launch] = [a for a in self.actions if isinstance(a, Launch)]
+        self.actions.clear()
+        return launch.token
+
+    def advance(self, seconds: float) -> list[Action]:
+        """Move the clock on, firing what falls due; the actions taken meanwhile."""
+        self.now += seconds
+        while (target := self.timers.pop_due(self.now)) is not None:
+            target()
+        actions, self.actions[:] = list(self.actions), []
+        return actions
+
+
+def test_a_fresh_process_that_starts_workers_gets_start_timeout_for_its_imports() -> None:
+    """A launch to a process that has not started a worker yet may take the whole
+    ``start_timeout`` (it imports the worker's modules and the pool's ``preload`` first, which a
+    busy machine can make slow); once it has started one, a fork taking longer than
+    ``LAUNCH_DEADLINE`` means it is stuck, and it is restarted."""
+    sim = StartsOnAClock(start_timeout=60)
+    first = sim.launch()
+    assert not any(isinstance(a, Abandon) for a in sim.advance(LAUNCH_DEADLINE + 30))
+    assert sim.starts.launched(first) == 0.0
+    stuck = sim.launch()
+    [abandon] = [a for a in sim.advance(LAUNCH_DEADLINE + 0.1) if isinstance(a, Abandon)]
+    assert abandon.tokens == (stuck,) and abandon.restart
+    assert sim.starts.failures_in_row == 1
+    # The restarted process is fresh again: its first launch may take start_timeout.
+    sim.advance(1)  # the back-off
+    fresh = sim.launch()
+    assert not any(isinstance(a, Abandon) for a in sim.advance(59))
+    [abandon] = [a for a in sim.advance(1.1) if isinstance(a, Abandon)]
+    assert abandon.tokens == (fresh,)
+    # A start_timeout shorter than the deadline bounds every launch.
+    short = StartsOnAClock(start_timeout=2)
+    assert short.starts.deadline() == 2
+    short.starts.launched(short.launch())
+    assert short.starts.deadline() == 2

@@ -30,7 +30,7 @@ def where() -> int:
 
 
 def main() -> None:
-    with Pool(workers=2, timeout=2.0, kill_grace=0.5) as pool:
+    with Pool(workers=2, kill_grace=0.5) as pool:
         print(f"app process {os.getpid()}, job process {pool.submit(where).result()}")
 
         heavy = pool.submit(fib, 27)

@@ -15,7 +15,7 @@ from corral._pool._timers import Timer, Timers
 
 FAILURES_BEFORE_GIVING_UP = 3  # start failures in a row before queued jobs fail
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
-LAUNCH_DEADLINE = 10.0  # seconds a process start may take (at most start_timeout)
+LAUNCH_DEADLINE = 10.0  # seconds a fork may take once the server has started one (<= start_timeout)
 
 
 class Starts:
@@ -23,9 +23,14 @@ class Starts:
 
     A *launch* is a process start the shell carries out off the supervisor's thread
     (``Launch``); it ends with ``launched`` or ``launch_failed``, or is abandoned when it takes
-    longer than ``LAUNCH_DEADLINE`` (the process that starts workers is stuck: ``Abandon`` asks
-    for it to be restarted). Every failure, whatever failed (the launch, the worker's imports or
-    initializer, its readiness in time), delays the next start: 0.1 s, doubling up to 10 s; after
+    too long (the process that starts workers is stuck: ``Abandon`` asks for it to be
+    restarted). How long is too long depends on that process: a fresh one first imports the
+    worker's modules and the pool's ``preload``, which on a busy machine, or with a heavy app,
+    can take many seconds, so its launches may take ``start_timeout``; once it has started a
+    worker, a fork that takes longer than ``LAUNCH_DEADLINE`` means it is stuck.
+
+    Every failure, whatever failed (the launch, the worker's imports or initializer, its
+    readiness in time), delays the next start: 0.1 s, doubling up to 10 s; after
     ``FAILURES_BEFORE_GIVING_UP`` in a row, ``error`` is set and the core fails the queued jobs
     with it until a worker is ready again.
     """
@@ -51,6 +56,7 @@ class Starts:
         self._tokens = itertools.count(1)
         self.first_left = settings.workers  # starts that are no restart
         self.failures_in_row = 0
+        self.server_proven = False  # the process that starts workers has started one for us
         self.next_start_at = 0.0
         self._retry: Timer[Callable[[], None]] | None = None
         self.error: WorkerStartError | None = None
@@ -62,12 +68,17 @@ class Starts:
             if self._retry is None:
                 self._retry = self.timers.arm(self.next_start_at, self._retry_now)
             return
-        limit = min(self.settings.start_timeout, LAUNCH_DEADLINE)
+        limit = self.deadline()
         for _ in range(missing):
             token = next(self._tokens)
             timer = self.timers.arm(now + limit, functools.partial(self._timed_out, token, limit))
             self.launches[token] = (now, timer)
             self.actions.append(Launch(token))
+
+    def deadline(self) -> float:
+        """How long a launch asked for now may take before it is abandoned."""
+        timeout = self.settings.start_timeout
+        return min(timeout, LAUNCH_DEADLINE) if self.server_proven else timeout
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -80,6 +91,7 @@ class Starts:
         if launch is None:
             return None
         self.timers.cancel(launch[1])
+        self.server_proven = True
         if self.first_left:
             self.first_left -= 1
         else:
@@ -92,6 +104,7 @@ class Starts:
         if launch is None:
             return False
         self.timers.cancel(launch[1])
+        self.server_proven = False  # it may have gone: the next launch may start a fresh one
         self.failed(cause)
         return True
 
@@ -112,6 +125,8 @@ class Starts:
                 self.timers.cancel(timer)
             self.actions.append(Abandon(tuple(self.launches), restart))
             self.launches.clear()
+        if restart:
+            self.server_proven = False  # the next launches wait for a fresh one's imports
 
     def ready(self) -> None:
         """A worker is ready: whatever failed before works again."""
