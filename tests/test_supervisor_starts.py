@@ -252,3 +252,24 @@ def test_a_fresh_process_that_starts_workers_gets_start_timeout_for_its_imports(
     assert short.starts.deadline() == 2
     short.starts.launched(short.launch())
     assert short.starts.deadline() == 2
+
+
+def test_a_forgotten_fork_server_is_kept_until_it_has_been_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork server that has gone away is forgotten (killed, and another started on the next
+    start). If it has not ended by then, its process object is kept and reaped later: dropped
+    while it runs, Python would warn that it is still running."""
+    server = _launch._Server((True, ()))
+    server._start(())
+    process = server.process
+    assert process is not None
+    monkeypatch.setattr(process, "kill", lambda: None)  # it has not died yet when looked at
+    server._forget()
+    assert server.process is None
+    assert process in _launch._stopped
+    monkeypatch.undo()
+    process.kill()
+    process.wait(30)
+    _launch._server((True, ()))  # the next start reaps it
+    assert process not in _launch._stopped

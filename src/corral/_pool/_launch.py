@@ -342,12 +342,13 @@ class _Server:
         if self.process is not None:
             with contextlib.suppress(OSError):
                 self.process.kill()
-            self.process.poll()  # reaped when it has ended
+            if self.process.poll() is None:  # not dead yet
+                _reap_later(self.process)
             self.process = None
 
     def stop(self, wait: bool = True) -> None:
         """Close the app's end: the server then kills what is left below it, and exits. With
-        ``wait``, reap it now; else it is reaped later (``_reap_stopped``)."""
+        ``wait``, reap it now; else it is reaped later (``_reap_later``)."""
         with self.lock:
             process = self.process
             if self.sock is not None:
@@ -358,7 +359,7 @@ class _Server:
         if process is None:
             return
         if not wait:
-            _stopped.append(process)
+            _reap_later(process)
             return
         try:
             process.wait(5)
@@ -396,6 +397,12 @@ def _use(key: ServerKey) -> None:
                 unused.append(server)
     for server in unused:
         server.stop(wait=False)
+
+
+def _reap_later(process: subprocess.Popen[bytes]) -> None:
+    """Keep ``process`` until it has ended: the next ``_server`` call, or the exit, reaps it."""
+    with _servers_lock:
+        _stopped.append(process)
 
 
 def _release(key: ServerKey) -> None:
