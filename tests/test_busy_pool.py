@@ -29,15 +29,16 @@ def anyio_backend() -> str:
 async def test_runs_due_while_every_worker_is_busy_wait_and_run_none_missed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    soon = datetime.now(UTC) + timedelta(seconds=0.5)
     sched = Scheduler(SchedulerConfig(enabled=True, workers=1))
-    sched.add_task(jobs.sleep, trigger="date", run_date=soon, args=(3.0,), name="long")
-    sched.add_task(jobs.pid, trigger="interval", seconds=1, name="beat")
-    once = soon + timedelta(seconds=0.5)  # due while "long" holds the only worker
-    sched.add_task(jobs.pid, trigger="date", run_date=once, name="once")
     with caplog.at_level(logging.WARNING, logger="corral.executor"):
         async with sched:
             recorder = Recorder().attach(sched)
+            # Added once the scheduler runs: its start on a busy machine is no lateness.
+            soon = datetime.now(UTC) + timedelta(seconds=0.5)
+            sched.add_task(jobs.sleep, trigger="date", run_date=soon, args=(3.0,), name="long")
+            sched.add_task(jobs.pid, trigger="interval", seconds=1, name="beat")
+            once = soon + timedelta(seconds=0.5)  # due while "long" holds the only worker
+            sched.add_task(jobs.pid, trigger="date", run_date=once, name="once")
             await recorder.count(TASK_EXECUTED, "long", 1, timeout=60)
             await recorder.count(TASK_EXECUTED, "once", 1, timeout=60)
             await recorder.count(TASK_EXECUTED, "beat", 3, timeout=60)
@@ -55,13 +56,13 @@ async def test_runs_due_while_every_worker_is_busy_wait_and_run_none_missed(
 
 
 async def test_a_run_due_while_workers_start_slowly_waits_for_them() -> None:
-    now = datetime.now(UTC)
     sched = Scheduler(
         SchedulerConfig(enabled=True, workers=1, initializer=jobs.sleep, initargs=(2.0,))
     )
-    sched.add_task(jobs.pid, trigger="date", run_date=now + timedelta(seconds=0.2), name="first")
-    async with sched:
+    async with sched:  # its worker takes 2 s to start
         recorder = Recorder().attach(sched)
+        soon = datetime.now(UTC) + timedelta(seconds=0.2)
+        sched.add_task(jobs.pid, trigger="date", run_date=soon, name="first")
         [done] = await recorder.count(TASK_EXECUTED, "first", 1, timeout=60)
     assert recorder.matching(TASK_MISSED) == []
     assert isinstance(done.return_value, int)

@@ -299,7 +299,7 @@ async def test_a_shutdown_without_waiting_still_records_the_runs_that_finish_aft
     tmp_path: Path,
 ) -> None:
     url = fresh_database("sqlite", tmp_path)
-    sched = Scheduler(config(url))
+    sched = Scheduler(config(url, mistrigger_grace_time=30))  # a busy machine's start is late
     soon = datetime.now(UTC) + timedelta(seconds=0.2)
     sched.add_task(jobs.sleep, trigger="date", run_date=soon, args=(1.5,), name="slow")
     await sched.start()
@@ -415,7 +415,7 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
         return claim_many(self, requests)
 
     monkeypatch.setattr(Ledger, "claim_many", slow_claim)
-    sched = Scheduler(config(url))
+    sched = Scheduler(config(url, mistrigger_grace_time=30))  # a busy machine's start is late
     sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
     await sched.start()
     recorder = Recorder().attach(sched)
