@@ -201,3 +201,40 @@ def test_shutdown_can_cancel_the_calls_not_started(make_pool: PoolFactory, tmp_p
     executor.shutdown(wait=True)
     assert holder.result() == holder.worker_pid
     assert not list(tmp_path.glob("ran-*"))
+
+
+# -- the job's future -----------------------------------------------------------------------------
+
+
+def test_a_job_future_has_the_state_of_a_future() -> None:
+    """``JobFuture`` sets ``Future``'s state itself (with a lighter condition): every attribute
+    ``Future.__init__`` sets is there, so a new Python's additions are noticed here."""
+    plain = vars(concurrent.futures.Future())
+    future = JobFuture(1, "label")
+    assert set(plain) <= set(vars(future))
+    assert not future.done() and not future.running()
+
+
+def test_job_futures_work_with_the_standard_waiting_functions(pool: Pool, tmp_path: Path) -> None:
+    """``concurrent.futures.wait`` and ``as_completed`` wait on a job's future as on any, and
+    several threads can wait on one future, with or without a timeout."""
+    gate = Gate(tmp_path / "gate")
+    held = pool.submit(jobs.hold, gate.path)
+    quick = [pool.submit(jobs.add, n, n) for n in range(5)]
+    assert held in concurrent.futures.wait([held, *quick], timeout=0.2).not_done
+    assert sorted(f.result() for f in concurrent.futures.as_completed(quick, timeout=60)) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+    with pytest.raises(concurrent.futures.TimeoutError):
+        held.result(timeout=0.05)
+    with concurrent.futures.ThreadPoolExecutor(4) as waiters:
+        results = [waiters.submit(held.result, 60) for _ in range(4)]
+        first = concurrent.futures.wait([held], return_when="FIRST_COMPLETED", timeout=0.05)
+        assert first.not_done == {held}
+        gate.release()
+        pids = {r.result(60) for r in results}
+    assert len(pids) == 1 and held.done()

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +39,14 @@ if TYPE_CHECKING:
     from corral._claims import Claims
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Run:
-    """One ``send_task`` call: a task and its due run times, run one after another."""
+    """One ``send_task`` call: a task and its due run times, run one after another.
 
+    Its job's callbacks are its own bound methods: a run queued behind thousands of others holds
+    few objects for the garbage collector to visit (no closures)."""
+
+    executor: RunExecutor
     task: TaskType
     task_id: str
     store: str
@@ -51,9 +55,17 @@ class Run:
     """When the scheduler handed the run over: lateness is measured here, not at start."""
     grace: float | None
     index: int = 0
-    outcomes: list[TaskExecutionEvent] = field(default_factory=list)
+    """The current run time's index in ``run_times``."""
     submitted_at: float = 0.0
     """When the job of the current run time was submitted (``time.monotonic()``)."""
+
+    def job_started(self, future: Any) -> None:
+        """The current run time's job started (on whichever thread saw it first)."""
+        self.executor._on_start(self, self.run_times[self.index], future)
+
+    def job_done(self, future: Any) -> None:
+        """The current run time's job is over: its outcome goes to the event loop."""
+        self.executor._deliver(self.executor._on_outcome, self, future)
 
 
 class RunExecutor(BaseExecutor):
@@ -162,7 +174,7 @@ class RunExecutor(BaseExecutor):
                 raise MaximumInstancesError(task_id, task.max_instances)
             self.instances[task_id] += 1
             self._drain.run_started()
-        run = Run(task, task_id, str(task.store_alias), run_times, handed_at, grace)
+        run = Run(self, task, task_id, str(task.store_alias), run_times, handed_at, grace)
         try:
             self._submit_next(run)
         except BaseException:
@@ -182,10 +194,10 @@ class RunExecutor(BaseExecutor):
         except CorralError as exc:  # a full queue, an executor shutting down: its outcome
             self._deliver(self._finish_one, run, self._error_event(run, run_time, exc))
             return
-        future.on_start = lambda started: self._on_start(run, run_time, started)
+        future.on_start = run.job_started
         if future.worker_pid is not None:  # it started before on_start was set
             self._on_start(run, run_time, future)
-        future.add_done_callback(lambda done: self._deliver(self._on_outcome, run, done))
+        future.add_done_callback(run.job_done)
 
     def _on_start(self, run: Run, run_time: datetime, future: Any) -> None:
         if future.__dict__.setdefault("corral_start_seen", run) is run:  # once, whoever first
@@ -218,7 +230,6 @@ class RunExecutor(BaseExecutor):
                 event.exception,
                 f"\n{event.traceback}" if event.traceback else "",
             )
-        run.outcomes.append(event)
         self.scheduler.dispatch_event(event)
         run.index += 1
         if run.index < len(run.run_times):
