@@ -210,7 +210,7 @@ def test_a_job_future_has_the_state_of_a_future() -> None:
     """``JobFuture`` sets ``Future``'s state itself (with a lighter condition): every attribute
     ``Future.__init__`` sets is there, so a new Python's additions are noticed here."""
     plain = vars(concurrent.futures.Future())
-    future = JobFuture(1, "label")
+    future: JobFuture[int] = JobFuture(1, "label")
     assert set(plain) <= set(vars(future))
     assert not future.done() and not future.running()
 
