@@ -60,8 +60,9 @@ class Run:
     """When the job of the current run time was submitted (``time.monotonic()``)."""
 
     def job_started(self, future: Any) -> None:
-        """The current run time's job started (on whichever thread saw it first)."""
-        self.executor._on_start(self, self.run_times[self.index], future)
+        """The job of one of its run times started (on whichever thread saw it first: maybe
+        after its outcome, so the run time is the one the future was submitted for)."""
+        self.executor._on_start(self, future.corral_run_time, future)
 
     def job_done(self, future: Any) -> None:
         """The current run time's job is over: its outcome goes to the event loop."""
@@ -194,6 +195,7 @@ class RunExecutor(BaseExecutor):
         except CorralError as exc:  # a full queue, an executor shutting down: its outcome
             self._deliver(self._finish_one, run, self._error_event(run, run_time, exc))
             return
+        future.corral_run_time = run_time
         future.on_start = run.job_started
         if future.worker_pid is not None:  # it started before on_start was set
             self._on_start(run, run_time, future)
