@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from corral import (
     Pool,
     PoolExecutor,
 )
+from corral._pool._condition import FutureCondition
 from test_pool_batches import Gate, hold_the_only_worker, waiting
 
 # -- trio -----------------------------------------------------------------------------------------
@@ -238,3 +240,32 @@ def test_job_futures_work_with_the_standard_waiting_functions(pool: Pool, tmp_pa
         gate.release()
         pids = {r.result(60) for r in results}
     assert len(pids) == 1 and held.done()
+
+
+def test_the_futures_condition_behaves_as_threading_condition() -> None:
+    """Waiting needs the lock, gives all of it up (a reentrant hold too) until notified or
+    timed out, and takes it back; a waiter that timed out is not left behind."""
+    condition = FutureCondition()
+    with pytest.raises(RuntimeError, match="un-acquired"):
+        condition.wait(0)
+    with condition:
+        assert condition.wait(0) is False
+        assert condition.wait(0.01) is False
+        assert not condition._waiters  # the timed-out waiters were removed
+    woke = threading.Event()
+    result: list[bool] = []
+
+    def waiter() -> None:
+        with condition, condition:  # held twice: wait gives up both
+            woke.set()
+            result.append(condition.wait(60))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    woke.wait(60)
+    with condition:  # the waiter gave the lock up: this thread can take it
+        condition.notify_all()
+    thread.join(60)
+    assert result == [True]
+    assert condition.acquire(blocking=False)  # and the waiter gave it back in full
+    condition.release()
