@@ -6,7 +6,7 @@ collector visits each object they hold at every full collection. A ``threading.C
 nine such objects (its ``__dict__``, a deque of waiters, the lock's bound methods copied into
 it); this one is two (itself and its lock), and makes its list of waiters only when a thread
 waits. Through asyncz, with 20,000 runs due at once, this and a run's bound-method callbacks
-took the collector's time from 2.7 s to 1.5 s (docs/benchmarks.md).
+took the collector's time from 2.7 s to 1.4 to 1.7 s (docs/benchmarks.md).
 """
 
 from __future__ import annotations
