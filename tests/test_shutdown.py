@@ -536,3 +536,39 @@ def test_ctrl_c_twice_under_hypercorns_worker_processes_stops_a_running_task(
         server.wait()
         assert server.stdout is not None
         server.stdout.close()
+
+
+def test_ctrl_c_twice_under_gunicorns_uvicorn_workers_stops_a_running_task(
+    tmp_path: Path,
+) -> None:
+    """gunicorn's master and its uvicorn worker both get the terminal's Ctrl-C: the first starts
+    the worker's lifespan shutdown (corral drains), the second stops the running task at once."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker"),
+            *("-w", "1", "-b", f"unix:{tmp_path}/sock", "uvicorn_app:app"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # a terminal's process group: Ctrl-C reaches all of it
+    )
+    try:
+        output = Output(server)
+        worker = int(output.wait_for(r"long task started in worker (\d+)").split()[-1])
+        app_processes = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        os.killpg(server.pid, signal.SIGINT)
+        output.wait_for(r"letting 1 task run\(s\) finish")
+        os.killpg(server.pid, signal.SIGINT)
+        output.wait_for(r"JobCancelledError: .* was still running at shutdown")
+        output.wait_for(r"Application shutdown complete")
+        server.wait(20)
+        assert_gone([worker, *app_processes])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        assert server.stdout is not None
+        server.stdout.close()

@@ -608,6 +608,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def test_the_core_keeps_its_invariants_under_random_interleavings(seed: int, steps: int) -> None:
     gc.disable()  # a job kept only by a reference cycle would be "released" late, not at once
     try:
-        Simulation(seed, steps).run()
+        simulation = Simulation(seed, steps)
+        simulation.run()  # checks the invariants after every step
     finally:
         gc.enable()
+    # Every job submitted ended exactly once, and the run was no idle one: jobs completed.
+    outcomes = [info.outcomes for info in simulation.info.values()]
+    assert simulation.submitted == len(outcomes) > 0
+    assert all(len(each) == 1 for each in outcomes)
+    assert any(each == ["completed"] for each in outcomes)
