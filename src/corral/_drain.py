@@ -48,7 +48,8 @@ class Drain:
     """Counts an executor's runs in flight, and shuts its pool down once they are over."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # (counting a run takes it alone: no Python-level step)
+        self._cond = threading.Condition(self._lock)
         self._runs = 0
         self._claims = 0
         self._thread: threading.Thread | None = None
@@ -67,11 +68,11 @@ class Drain:
         return self._runs
 
     def run_started(self) -> None:
-        with self._cond:
+        with self._lock:
             self._runs += 1
 
     def run_ended(self) -> None:
-        with self._cond:
+        with self._lock:
             self._runs -= 1
             if self._runs <= 0:
                 self._cond.notify_all()

@@ -188,7 +188,8 @@ class ProcessExecutor(RunExecutor):
                 scheduled_run_time=run_time,
                 return_value=future.result(),
             )
-            log_executed(self._log, run.task, run_time, future)
+            if self._log.isEnabledFor(logging.INFO):
+                log_executed(self._log, run.task, run_time, future)
         elif isinstance(error, JobMissedError):
             event = missed_event(run, run_time)
         else:

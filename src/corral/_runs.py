@@ -171,9 +171,10 @@ class RunExecutor(BaseExecutor):
         # once releases an instance that is really held.
         task_id = str(task.id)
         with self.lock:
-            if self.claims is None and self.instances[task_id] >= task.max_instances:
+            instances = self.instances
+            if self.claims is None and instances[task_id] >= task.max_instances:
                 raise MaximumInstancesError(task_id, task.max_instances)
-            self.instances[task_id] += 1
+            instances[task_id] += 1
             self._drain.run_started()
         run = Run(self, task, task_id, str(task.store_alias), run_times, handed_at, grace)
         try:
@@ -241,9 +242,10 @@ class RunExecutor(BaseExecutor):
 
     def _release(self, task_id: str) -> None:
         with self.lock:
-            self.instances[task_id] -= 1
-            if self.instances[task_id] <= 0:
-                del self.instances[task_id]
+            instances = self.instances
+            instances[task_id] -= 1
+            if instances[task_id] <= 0:
+                del instances[task_id]
         self._drain.run_ended()
 
     def _timeout_of(self, task: TaskType) -> float | None:

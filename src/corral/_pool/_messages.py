@@ -76,9 +76,15 @@ def frame(payload: bytes) -> bytes:
     return header(len(payload)) + payload
 
 
+_JOB_FRAME_HEAD = struct.Struct("!icQd")  # a JOB frame's length, then its head (below 2 GiB)
+
+
 def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
-    head = JOB_HEAD.pack(JOB, job_id, math.nan if start_by is None else start_by)
-    return frame(head + body)
+    deadline = math.nan if start_by is None else start_by
+    size = JOB_HEAD.size + len(body)
+    if size > 0x7FFFFFFF:
+        return frame(JOB_HEAD.pack(JOB, job_id, deadline) + body)
+    return _JOB_FRAME_HEAD.pack(size, JOB, job_id, deadline) + body
 
 
 class ProtocolError(Exception):
