@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import functools
@@ -244,8 +245,10 @@ def test_job_futures_work_with_the_standard_waiting_functions(pool: Pool, tmp_pa
 
 def test_the_futures_condition_behaves_as_threading_condition() -> None:
     """Waiting needs the lock, gives all of it up (a reentrant hold too) until notified or
-    timed out, and takes it back; a waiter that timed out is not left behind."""
+    timed out, and takes it back; a waiter that timed out is not left behind. It is one object,
+    the lock itself, with no ``__dict__`` for the collector to visit."""
     condition = FutureCondition()
+    assert isinstance(condition, _thread.RLock) and not hasattr(condition, "__dict__")
     with pytest.raises(RuntimeError, match="un-acquired"):
         condition.wait(0)
     with condition:

@@ -81,7 +81,7 @@ class JobFuture(Future[_T]):
     """
 
     def __init__(self, job_id: int, label: str | None) -> None:
-        # ``Future.__init__``'s state, with a condition of two objects instead of nine (see
+        # ``Future.__init__``'s state, with a condition of one object instead of nine (see
         # ``_condition``; ``test_a_job_future_has_the_state_of_a_future`` checks the names).
         self._condition = FutureCondition()  # type: ignore[assignment]
         self._state = _PENDING
