@@ -7,7 +7,9 @@ ProcessPoolExecutor), on an AsyncIOScheduler in this process, with 2 workers whe
 - throughput: ``--tasks`` no-op tasks due now, until every outcome event has arrived;
 - add_task from another thread: the scheduler on an event loop of its own thread, a producer
   thread adds ``--tasks`` no-op tasks due now while it runs; tasks/s from the first
-  ``add_task`` until every outcome event has arrived;
+  ``add_task`` until every outcome event has arrived, and the CPU time each thread of the
+  process spent per task meanwhile (the adding thread, the scheduler's loop, the executor's own
+  threads); also for asyncz alone, with an executor that does nothing but report each run;
 - latency: from a run's due time to its start in the executor, and to its outcome event;
 - app loop lag while two CPU-bound sync tasks and two CPU-bound ``async def`` tasks run
   (p99 and max, and the lag over time for ``--plot``);
@@ -31,8 +33,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psutil
+from asyncz.events import TaskExecutionEvent
 from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED, TASK_MISSED
 from asyncz.executors import AsyncIOExecutor, ProcessPoolExecutor, ThreadPoolExecutor
+from asyncz.executors.base import BaseExecutor
 from asyncz.schedulers import AsyncIOScheduler
 from asyncz.triggers import DateTrigger
 from bench_jobs import burn, burn_async, die, noop, started_at
@@ -53,6 +58,26 @@ EXECUTORS: dict[str, Callable[[], Any]] = {
     "asyncz ProcessPoolExecutor": lambda: ProcessPoolExecutor(max_workers=WORKERS),
 }
 BASELINE = "asyncz ThreadPoolExecutor"
+ALONE = "asyncz alone (no executor work)"
+
+
+class DoNothing(BaseExecutor):
+    """Reports each run time as executed at once, on the scheduler's loop: what asyncz costs
+    without an executor."""
+
+    def send_task(self, task: Any, run_times: list[datetime]) -> None:
+        self.do_send_task(task, run_times)
+
+    def do_send_task(self, task: Any, run_times: list[datetime]) -> None:
+        for run_time in run_times:
+            self.scheduler.dispatch_event(
+                TaskExecutionEvent(
+                    code=TASK_EXECUTED,
+                    task_id=task.id,
+                    store=task.store_alias,
+                    scheduled_run_time=run_time,
+                )
+            )
 
 
 class Outcomes:
@@ -138,10 +163,12 @@ async def throughput(make: Callable[[], Any], count: int) -> float:
     return count / elapsed if done else float("nan")
 
 
-def from_a_thread(make: Callable[[], Any], count: int) -> float:
+def from_a_thread(make: Callable[[], Any], count: int) -> dict[str, float]:
     """tasks/s with the scheduler on an event loop of its own thread while a producer thread
     calls ``add_task`` ``count`` times (no-op tasks due now): from the first ``add_task`` until
-    every outcome event has arrived. A first task warms the executor before the clock starts."""
+    every outcome event has arrived. A first task warms the executor before the clock starts.
+    Also the CPU time per task of the adding thread, of the scheduler's loop, and of the other
+    threads of this process (the executor's own) over the same span, in µs."""
     scheduler = AsyncIOScheduler(
         executors={"default": make()},
         task_defaults={"mistrigger_grace_time": 3600, "coalesce": False, "max_instances": 1},
@@ -155,21 +182,41 @@ def from_a_thread(make: Callable[[], Any], count: int) -> float:
     arrivals.wait(1, timeout=60)
     time.sleep(0.5)  # every worker of a pool started
     began: list[float] = []
+    adding: list[float] = []
 
     def produce() -> None:
         now = datetime.now(UTC)
         began.append(time.perf_counter())
+        cpu = time.thread_time()
         for i in range(count):
             scheduler.add_task(noop, trigger=at(now), id=f"from-thread-{i}")
+        adding.append(time.thread_time() - cpu)
 
     producer = threading.Thread(target=produce, name="producer")
+    before = thread_times()
     producer.start()
     done = arrivals.wait(1 + count, timeout=300)
+    after = thread_times()
     producer.join()
     scheduler.shutdown(wait=True)
     if loop_thread is not None:
         loop_thread.join(30)
-    return count / (arrivals.last - began[0]) if done else float("nan")
+    rate = count / (arrivals.last - began[0]) if done else float("nan")
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop_id = None if loop_thread is None else loop_thread.native_id
+    skip = {loop_id, producer.native_id, threading.main_thread().native_id}
+    per_task = 1e6 / count
+    return {
+        "from_thread": rate,
+        "cpu_adding_us": adding[0] * per_task,
+        "cpu_loop_us": (0.0 if loop_id is None else spent.get(loop_id, 0.0)) * per_task,
+        "cpu_executor_us": sum(t for tid, t in spent.items() if tid not in skip) * per_task,
+    }
+
+
+def thread_times() -> dict[int, float]:
+    """CPU seconds each live thread of this process has used, by native thread id."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
 
 
 async def latency(make: Callable[[], Any], count: int = 200) -> dict[str, float]:
@@ -250,7 +297,7 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
     for name, make in EXECUTORS.items():
         row: dict[str, float] = {"throughput": await throughput(make, tasks)}
         # Blocks this loop while it runs: the scheduler has a loop of its own.
-        row["from_thread"] = from_a_thread(make, tasks)
+        row.update(from_a_thread(make, tasks))
         row.update(await latency(make))
         lag, series = await loop_lag(make)
         row.update(lag)
@@ -260,6 +307,7 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
         in_process = name in ("asyncz AsyncIOExecutor", "asyncz ThreadPoolExecutor")
         row["recovery_s"] = float("nan") if in_process else await recovery(make)
         results[name] = row
+    results[ALONE] = from_a_thread(DoNothing, tasks)
     return results, lag_series
 
 
@@ -280,6 +328,8 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
         f"{'(ms)':>9}{'(ms)':>9}{'':11}{'(s)':>10}",
     ]
     for name, m in combined.items():
+        if name == ALONE:
+            continue
         lag_ratio = (
             base["lag_p99_ms"][0] / m["lag_p99_ms"][0] if m["lag_p99_ms"][0] else float("inf")
         )
@@ -300,13 +350,22 @@ def table(combined: dict[str, dict[str, list[float]]]) -> str:
     lines.append(
         "add_task from another thread (the scheduler on its own loop thread; from the first"
     )
-    lines.append("add_task until every outcome event has arrived):")
-    lines.append(f"{'':28}{'tasks/s':>9}{'vs thread':>10}")
+    lines.append("add_task until every outcome event has arrived), and the CPU time per task of")
+    lines.append("this process's threads meanwhile:")
+    lines.append(
+        f"{'':32}{'tasks/s':>9}{'vs thread':>10}{'adding':>9}{'loop':>9}{'executor':>9}"
+        f"{'in all':>9}"
+    )
+    lines.append(f"{'':32}{'':9}{'':10}{'(µs)':>9}{'(µs)':>9}{'(µs)':>9}{'(µs)':>9}")
     for name, m in combined.items():
+        cpu = [m["cpu_adding_us"][0], m["cpu_loop_us"][0], m["cpu_executor_us"][0]]
         lines.append(
-            f"{name:28}{m['from_thread'][0]:>9.0f}"
+            f"{name:32}{m['from_thread'][0]:>9.0f}"
             f"{m['from_thread'][0] / base['from_thread'][0]:>9.2f}x"
+            + "".join(f"{us:>9.0f}" for us in [*cpu, sum(cpu)])
         )
+    lines.append("'executor': the threads of the executor (corral's supervisor, the thread pool's")
+    lines.append("workers); each column is the median of its own runs")
     return "\n".join(lines)
 
 
