@@ -5,11 +5,12 @@
 For each executor (corral's ProcessExecutor; asyncz's AsyncIOExecutor, ThreadPoolExecutor and
 ProcessPoolExecutor), on an AsyncIOScheduler in this process, with 2 workers where there is a pool:
 - throughput: ``--tasks`` no-op tasks due now, until every outcome event has arrived;
-- add_task from another thread: the scheduler on an event loop of its own thread, a producer
-  thread adds ``--tasks`` no-op tasks due now while it runs; tasks/s from the first
-  ``add_task`` until every outcome event has arrived, and the CPU time each thread of the
-  process spent per task meanwhile (the adding thread, the scheduler's loop, the executor's own
-  threads); also for asyncz alone, with an executor that does nothing but report each run;
+- add_task from another thread, in a fresh process for each executor and run: the scheduler on
+  an event loop of its own thread, a producer thread adds ``--tasks`` no-op tasks due now while
+  it runs; tasks/s from the first ``add_task`` until every outcome event has arrived, and the
+  CPU time each thread of the process spent per task meanwhile (the adding thread, the
+  scheduler's loop, the executor's own threads); also for asyncz alone, with an executor that
+  does nothing but report each run;
 - latency: from a run's due time to its start in the executor, and to its outcome event;
 - app loop lag while two CPU-bound sync tasks and two CPU-bound ``async def`` tasks run
   (p99 and max, and the lag over time for ``--plot``);
@@ -27,6 +28,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -296,8 +299,7 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
     lag_series: dict[str, list[float]] = {}
     for name, make in EXECUTORS.items():
         row: dict[str, float] = {"throughput": await throughput(make, tasks)}
-        # Blocks this loop while it runs: the scheduler has a loop of its own.
-        row.update(from_a_thread(make, tasks))
+        row.update(from_a_thread_afresh(name, tasks))
         row.update(await latency(make))
         lag, series = await loop_lag(make)
         row.update(lag)
@@ -307,8 +309,23 @@ async def measure(tasks: int) -> tuple[dict[str, dict[str, float]], dict[str, li
         in_process = name in ("asyncz AsyncIOExecutor", "asyncz ThreadPoolExecutor")
         row["recovery_s"] = float("nan") if in_process else await recovery(make)
         results[name] = row
-    results[ALONE] = from_a_thread(DoNothing, tasks)
+    results[ALONE] = from_a_thread_afresh(ALONE, tasks)
     return results, lag_series
+
+
+def from_a_thread_afresh(name: str, tasks: int) -> dict[str, float]:
+    """:func:`from_a_thread` for executor ``name`` in a process of its own: what the runs
+    before it in this process left behind (threads, a fork server, the heap they grew) slowed
+    the figures, and not evenly: in one comparison, the thread pool's by a fifth and corral's by
+    less than a tenth."""
+    found = subprocess.run(
+        [sys.executable, __file__, "--tasks", str(tasks), "--from-a-thread", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(found.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _ms(seconds: float) -> float:
@@ -416,7 +433,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="write the loop-lag plot (PNG) to this file")
+    parser.add_argument("--from-a-thread", help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args()
+    if args.from_a_thread:
+        make = DoNothing if args.from_a_thread == ALONE else EXECUTORS[args.from_a_thread]
+        print(json.dumps(from_a_thread(make, args.tasks)))
+        return
     runs: list[dict[str, dict[str, float]]] = []
     series: dict[str, list[float]] = {}
     for _ in range(args.repeat):
