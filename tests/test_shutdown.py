@@ -511,31 +511,8 @@ def test_ctrl_c_twice_under_hypercorns_worker_processes_stops_a_running_task(
     """hypercorn's default mode serves from a daemonic worker process that ignores SIGINT: the
     first Ctrl-C (to the terminal's whole process group) reaches hypercorn's parent, which shuts
     the worker down; corral takes the second. Its workers start from a daemonic process too."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "hypercorn", "uvicorn_app:app", "--bind", f"unix:{tmp_path}/sock"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # a terminal's process group: Ctrl-C reaches all of it
-    )
-    try:
-        output = Output(server)
-        worker = int(output.wait_for(r"long task started in worker (\d+)").split()[-1])
-        app_processes = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
-        os.killpg(server.pid, signal.SIGINT)
-        output.wait_for(r"letting 1 task run\(s\) finish")
-        os.killpg(server.pid, signal.SIGINT)
-        output.wait_for(r"JobCancelledError: .* was still running at shutdown")
-        assert server.wait(20) == 0
-        assert_gone([worker, *app_processes])
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        assert server.stdout is not None
-        server.stdout.close()
+    command = ["hypercorn", "uvicorn_app:app", "--bind", f"unix:{tmp_path}/sock"]
+    assert ctrl_c_twice_in_a_terminal(command) == 0
 
 
 def test_ctrl_c_twice_under_gunicorns_uvicorn_workers_stops_a_running_task(
@@ -543,12 +520,22 @@ def test_ctrl_c_twice_under_gunicorns_uvicorn_workers_stops_a_running_task(
 ) -> None:
     """gunicorn's master and its uvicorn worker both get the terminal's Ctrl-C: the first starts
     the worker's lifespan shutdown (corral drains), the second stops the running task at once."""
+    command = [
+        *("gunicorn", "-k", "uvicorn.workers.UvicornWorker"),
+        *("-w", "1", "-b", f"unix:{tmp_path}/sock", "uvicorn_app:app"),
+    ]
+    ctrl_c_twice_in_a_terminal(command, then=r"Application shutdown complete")
+
+
+def ctrl_c_twice_in_a_terminal(module_and_args: list[str], *, then: str | None = None) -> int:
+    """Serve ``tests/uvicorn_app.py`` with ``python -m <module_and_args>`` in a process group of
+    its own, as a terminal does, and press Ctrl-C twice once its long task runs (a 60-s task
+    with a 120-s drain allowed): the first starts the drain, the second must stop the task.
+    Checks that the task is reported cancelled, that ``then`` is printed, and that no process
+    of the app is left; returns the server's exit status."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
     server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker"),
-            *("-w", "1", "-b", f"unix:{tmp_path}/sock", "uvicorn_app:app"),
-        ],
+        [sys.executable, "-m", *module_and_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -563,9 +550,11 @@ def test_ctrl_c_twice_under_gunicorns_uvicorn_workers_stops_a_running_task(
         output.wait_for(r"letting 1 task run\(s\) finish")
         os.killpg(server.pid, signal.SIGINT)
         output.wait_for(r"JobCancelledError: .* was still running at shutdown")
-        output.wait_for(r"Application shutdown complete")
-        server.wait(20)
+        if then is not None:
+            output.wait_for(then)
+        status = server.wait(20)
         assert_gone([worker, *app_processes])
+        return status
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
