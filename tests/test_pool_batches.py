@@ -239,3 +239,59 @@ def test_back_to_back_jobs_from_several_threads_each_get_their_outcome(
         assert values == [offset + i for i in range(1000)]
     stats = pool.statistics()
     assert (stats.completed, stats.finished, stats.queued) == (3000, 3000, 0)
+
+
+class _IdleListWatch(list[Any]):
+    """A pool's idle list that notes each change made without the submitters' lock held."""
+
+    def __init__(self, items: list[Any], lock: Any) -> None:
+        super().__init__(items)
+        self.lock = lock
+        self.unlocked: list[str] = []
+
+    def _check(self, what: str) -> None:
+        if not self.lock.locked():
+            self.unlocked.append(what)
+
+    def pop(self, index: Any = -1) -> Any:
+        self._check("pop")
+        return super().pop(index)
+
+    def append(self, item: Any) -> None:
+        self._check("append")
+        super().append(item)
+
+    def remove(self, item: Any) -> None:
+        self._check("remove")
+        super().remove(item)
+
+    def clear(self) -> None:
+        self._check("clear")
+        super().clear()
+
+
+def test_submitters_and_the_supervisor_take_idle_workers_under_one_lock(
+    make_pool: PoolFactory,
+) -> None:
+    """A submitting thread takes an idle worker under the pool's lock; the supervisor, giving
+    queued jobs to idle workers or making a worker idle, holds that same lock. (With a lock of
+    its own, both could see the last idle worker free and both take it.)"""
+    pool = make_pool(workers=2)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    fleet = supervisor.core.fleet
+    with supervisor.lock:
+        watch = _IdleListWatch(fleet.idle, supervisor.lock)
+        fleet.idle = supervisor.core.idle = watch
+
+    def caller(offset: int) -> list[int]:
+        return [pool.submit(jobs.add, offset, i).result(20) for i in range(200)]
+
+    # Direct writes from the threads, and jobs queued from the main thread that the
+    # supervisor hands to workers as they free up.
+    queued = [pool.submit(jobs.add, 1, i) for i in range(200)]
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(caller, (0, 1000)))
+    assert [future.result(20) for future in queued] == [1 + i for i in range(200)]
+    assert results == [[offset + i for i in range(200)] for offset in (0, 1000)]
+    assert watch.unlocked == []

@@ -62,9 +62,9 @@ class Shell:
         self.settings = settings
         self.context = context
         self.name = name
-        self.core = Core(settings, name)
-        self.counters = self.core.counters
         self.lock = threading.Lock()
+        self.core = Core(settings, name, idle_lock=self.lock)  # submitters take idle workers
+        self.counters = self.core.counters
         self.state_lock = threading.Lock()
         self._owner: int | None = None  # the thread that holds state_lock
         self.incoming: deque[Job] = deque()
