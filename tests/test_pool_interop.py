@@ -206,6 +206,34 @@ def test_shutdown_can_cancel_the_calls_not_started(make_pool: PoolFactory, tmp_p
     assert not list(tmp_path.glob("ran-*"))
 
 
+def test_shutdown_in_a_calls_done_callback_returns_and_the_other_calls_go_on(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """The callback runs on the thread that handles the replies the other calls wait for:
+    ``shutdown(wait=True)`` there returns without waiting (as ``Pool.shutdown`` does), and the
+    calls end as they would."""
+    pool = make_pool(workers=2)
+    first_gate, second_gate = Gate(tmp_path / "first"), Gate(tmp_path / "second")
+    executor = pool.executor()
+    second = executor.submit(jobs.hold, second_gate.path)
+    first = executor.submit(jobs.hold, first_gate.path)
+    returned = threading.Event()
+
+    def shut_down(_: object) -> None:
+        executor.shutdown(wait=True)
+        returned.set()
+
+    first.add_done_callback(shut_down)
+    first_gate.release()
+    assert returned.wait(10), "shutdown in the done-callback waited"
+    assert not second.done()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(jobs.pid)
+    second_gate.release()
+    assert second.result(10) == second.worker_pid
+    assert pool.submit(jobs.add, 1, 2).result(10) == 3
+
+
 # -- the job's future -----------------------------------------------------------------------------
 
 

@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 
 import jobs
-from conftest import PoolFactory, assert_gone, wait_until, worker_pids
+from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError
-from test_pool_batches import Gate, hold_the_only_worker
+from corral._pool import _core, _state
+from test_pool_batches import Gate, hold_the_only_worker, waiting
 
 # As an app's worker thread calls the pool (the main thread never reads a reply itself).
 pytestmark = pytest.mark.off_main_thread
@@ -308,3 +309,119 @@ def test_an_apps_default_socket_timeout_does_not_reach_the_workers_sockets(
     with picked_up(pool):
         assert pool.submit(jobs.sleep, 0.3).result() == 0.3
     assert pool.submit(jobs.sleep, 0.3).result(10) == 0.3
+
+
+def test_jobs_a_recall_gives_back_to_a_reading_caller_go_to_the_idle_worker_at_once(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """A caller reading worker A's socket reads A's answer to a recall: the jobs it gives back
+    are queued while worker B idles and the supervisor sleeps. The caller wakes it, so they run
+    on B now, not once A's long job is over."""
+    pool = make_pool(workers=2)
+    gate_a, gate_b = Gate(tmp_path / "a"), Gate(tmp_path / "b")
+    long_a = pool.submit(jobs.hold, gate_a.path)
+    reader = threading.Thread(target=lambda: long_a.exception(60))  # reads A's socket
+    reader.start()
+    wait_until(lambda: picking(pool), what="a caller to read worker A's socket")
+    long_b = pool.submit(jobs.hold, gate_b.path)
+    wait_until(lambda: len(busy_pids(pool)) == 2, what="both workers to be busy")
+    quick = [pool.submit(jobs.pid) for _ in range(4)]
+    wait_until(lambda: waiting(pool) == 4, what="the jobs to be sent behind the busy ones")
+
+    gate_b.release()
+    freed = long_b.result(10)
+    # Two ran in B behind its job; the two taken back from A come to B too, A still busy.
+    assert [future.result(10) for future in quick] == [freed] * 4
+    assert not long_a.done()
+    gate_a.release()
+    reader.join(10)
+    assert long_a.result(10) != freed
+
+
+def test_a_frame_the_submitter_could_only_half_write_is_whole_before_it_lets_the_worker_go(
+    make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's socket that takes part of a job's frame: the rest is in the worker's outbox
+    before the submitting thread gives the worker up (``writing``), so that what the supervisor
+    writes to it next can only come after the whole frame."""
+    pool = make_pool(workers=1)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    [channel] = list(supervisor._workers.values())
+    me = threading.current_thread()
+    real = channel.sock
+
+    class HalfASend:  # a socket with room for half a frame, for this thread's first send
+        halved = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def send(self, data: bytes, flags: int = 0) -> int:
+            if threading.current_thread() is me and not HalfASend.halved:
+                HalfASend.halved = True
+                return real.send(data[: len(data) // 2], flags)
+            return real.send(data, flags)
+
+    outbox_when_let_go: list[int] = []
+    set_attribute = _state.Worker.__setattr__
+
+    def watch(worker: _state.Worker, name: str, value: Any) -> None:
+        set_attribute(worker, name, value)
+        if name == "writing" and value is False and threading.current_thread() is me:
+            outbox_when_let_go.append(len(worker.io.link.outbox))
+
+    monkeypatch.setattr(channel, "sock", HalfASend())
+    monkeypatch.setattr(_state.Worker, "__setattr__", watch)
+    future = pool.submit(jobs.echo, "x" * 8000)
+    assert HalfASend.halved
+    assert outbox_when_let_go and outbox_when_let_go[0] > 0
+    assert future.result(10) == "x" * 8000
+    assert pool.submit(jobs.add, 1, 2).result(10) == 3
+
+
+def test_a_job_written_to_an_idle_worker_that_has_just_died_runs_on_another(
+    make_pool: PoolFactory,
+) -> None:
+    """A submitting thread takes an idle worker whose death the supervisor has not handled
+    yet: the write fails, and the job, which never reached a live worker, is queued and runs
+    on the replacement (it does not fail with the dead worker's ``WorkerDiedError``)."""
+    pool = make_pool(workers=1)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    [channel] = list(supervisor._workers.values())
+    dead = channel.pid
+    hangup = select.poll()
+    hangup.register(channel.sock.fileno(), select.POLLHUP)
+
+    with supervisor.state_lock:  # the supervisor sees the exit only after the submit
+        os.kill(dead, signal.SIGKILL)
+        wait_until(lambda: hangup.poll(0), what="the dead worker's end of its socket to close")
+        future = pool.submit(jobs.pid)
+    assert future.result(30) != dead
+    assert pool.statistics().crashed == 0
+
+
+def test_a_worker_whose_exit_the_supervisor_handles_is_not_given_a_job(
+    make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the supervisor handles an idle worker's exit, no submitting thread can take that
+    worker any more (even before the exit reaches the core): a job submitted meanwhile waits
+    for the replacement instead of failing with the dead worker's ``WorkerDiedError``."""
+    pool = make_pool(workers=1)
+    [dead] = worker_pids(pool)
+    in_exit, go_on = threading.Event(), threading.Event()
+    exited = _core.Core.exited
+
+    def paused(core: _core.Core, worker: Any, exitcode: int | None) -> None:
+        in_exit.set()
+        go_on.wait(10)
+        exited(core, worker, exitcode)
+
+    monkeypatch.setattr(_core.Core, "exited", paused)
+    os.kill(dead, signal.SIGKILL)
+    assert in_exit.wait(10), "the supervisor did not see the worker's exit"
+    future = pool.submit(jobs.pid)
+    go_on.set()
+    assert future.result(30) != dead
+    assert pool.statistics().crashed == 0

@@ -417,9 +417,10 @@ class Simulation:
             return
         channel: SimChannel = worker.io
         started = worker.job_started
-        if not channel.write(job.frame):
-            worker.writing = False
-            self.core.write_failed(worker, (job,))
+        if not channel.write(job.frame):  # as the shell: the job is queued, the worker killed
+            self.core.unsubmit(worker, job)
+            self.core.take_in([job])
+            self.core.write_failed(worker, ())
         else:
             worker.writing = False
             self.core.arm(worker, job, started)
@@ -449,6 +450,7 @@ class Simulation:
             return
         self.parent_reads(worker, everything=True)
         self.trace.append(f"exit {sim_worker.pid} code={sim_worker.exit_code}")
+        self.core.exiting(worker)
         self.core.exited(worker, sim_worker.exit_code)
 
     def time_passes(self) -> None:

@@ -137,6 +137,11 @@ class Core(Jobs):
         if head is not None and outcome is not None:
             self._resolve(head, outcome)
 
+    def exiting(self, worker: Worker) -> None:
+        """``worker``'s process has ended: no submitter may take it from the idle list any more
+        (one that took it before has written to it, or failed to: see ``unsubmit``)."""
+        self.fleet.withdraw(worker)
+
     def broken(self, worker: Worker, what: str) -> None:
         """``worker`` sent bytes that are not a message: it is killed, and its head fails with
         a ``WorkerDiedError`` that says so."""
@@ -152,7 +157,8 @@ class Core(Jobs):
 
     def write_failed(self, worker: Worker, jobs: tuple[Job, ...]) -> None:
         """A write to ``worker`` failed at once: it has gone, and these jobs (whose frames the
-        write held) never reached it."""
+        write held) never reached it. (A submitter's failed write: none; see ``unsubmit``.)"""
+        worker.writing = False
         unstarted = []
         for job in jobs:
             if job.done or job.worker is not worker:

@@ -146,6 +146,12 @@ class Fleet:
                 return True
         return False
 
+    def withdraw(self, worker: Worker) -> None:
+        """Take ``worker`` off the idle list (if it is there), leaving its state as it is."""
+        with self.idle_lock:
+            if worker in self.idle:
+                self.idle.remove(worker)
+
     def head_done(self, worker: Worker) -> None:
         """``worker`` finished its last job: idle, or stopped (shutdown, or recycled)."""
         max_jobs = self.settings.max_jobs_per_worker
@@ -159,10 +165,8 @@ class Fleet:
             self.make_idle(worker)
 
     def _leave(self, worker: Worker, state: WorkerState) -> None:
-        with self.idle_lock:
-            if worker in self.idle:
-                self.idle.remove(worker)
-            worker.state = state
+        self.withdraw(worker)
+        worker.state = state
 
     def stop(self, worker: Worker) -> None:
         """Ask ``worker`` to exit (it has nothing to do); kill it if it does not."""
@@ -234,9 +238,7 @@ class Fleet:
         """``worker``'s process has exited with ``exitcode`` (``None``: unknown) while running
         ``head``: forget it, replace it, and say what its head's outcome is."""
         del self.workers[worker.pid]
-        with self.idle_lock:
-            if worker in self.idle:
-                self.idle.remove(worker)
+        self.withdraw(worker)
         outcome = None
         if worker.state == "starting" and not self.closing:
             cause = worker.start_error or (

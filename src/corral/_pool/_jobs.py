@@ -64,7 +64,8 @@ class Jobs:
         The one method called without the state: with ``idle_lock`` held, while another thread
         may run the core. It touches only the idle list, the worker it takes from it (which
         nothing else touches until the caller is done: ``writing``) and the job; the caller then
-        arms the head's timers with ``arm`` (or gives the worker back with ``unsubmit``)."""
+        arms the head's timers with ``arm`` (or, if its write failed, gives the job back with
+        ``unsubmit``)."""
         idle = self.idle
         if not idle or self.queue or len(job.frame) > BATCH_FRAME:
             return None
@@ -87,11 +88,15 @@ class Jobs:
             self._watch_head(worker, job, started)
 
     def unsubmit(self, worker: Worker, job: Job) -> None:
-        """The submitter could not write ``job`` to ``worker`` (its socket was full): the worker
-        is idle again, the job still to be queued (``take_in``). Idle lock held."""
+        """The submitter's write of ``job`` to ``worker`` failed at once (idle lock held): the
+        worker has gone or is going, and the job never reached it; the submitter queues it
+        (``take_in``). The worker stays the submitter's (``writing``: nothing is sent to it)
+        until ``write_failed`` kills it."""
         job.worker = worker.job = None
-        worker.state = "idle"
-        self.idle.append(worker)
+
+    def count_wait(self) -> None:
+        """A submitter gave a job that waited long (``WAIT_WARNING``) to an idle worker."""
+        self.counters.waited += 1
 
     def take_in(self, jobs: Iterable[Job]) -> None:
         """Queue jobs submitted while the state was busy."""

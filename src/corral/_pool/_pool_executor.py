@@ -167,6 +167,9 @@ class PoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, return once every call given so far is done.
 
+        Called from a job's done-callback, it does not wait (the callback runs while its thread
+        handles the replies those calls wait for): the calls go on, and end as they would.
+
         Args:
             wait: Wait for the calls given so far.
             cancel_futures: First stop the calls no worker has started (cancelled in the pool's
@@ -181,7 +184,7 @@ class PoolExecutor(Executor):
             for future in futures:
                 if future.worker_pid is None:  # no worker has started it
                     self.pool._abandon(future)
-        if wait:
+        if wait and self.pool.may_wait():  # (not from a job's done-callback: see Pool.shutdown)
             wait_for_futures(futures)
 
     def _forget(self, future: Future[Any]) -> None:

@@ -294,6 +294,9 @@ class Shell:
             return
         while channel.reading and channel.readable():
             self._on_readable(channel)  # a reply sent just before the exit still counts
+        worker = channel.worker
+        if worker is not None:
+            self.core.exiting(worker)  # before its socket closes: a submitter's write fails
         channel.reading = False
         self._unwatch(channel)
         channel.sock.close()
@@ -306,7 +309,6 @@ class Shell:
         if channel.pid not in self.core.fleet.grace:
             kill_group(channel.pid, signal.SIGKILL)  # whatever the job left in its group
         self._workers.pop(channel.pid, None)
-        worker = channel.worker
         if worker is not None and self.core.workers.get(worker.pid) is worker:
             self.core.exited(worker, exitcode)
             self._execute()

@@ -182,30 +182,30 @@ class Supervisor(Shell):
         channel = worker.io
         started = worker.job_started
         future = job.future
+        # All before the write: the reply can come, and be handled, before send returns.
         future.worker_pid = worker.pid
         future.queue_wait = wait = started - job.submitted_at
-        if wait > WAIT_WARNING:
-            self.counters.waited += 1
+        future._pickup = (self, job)  # (its outcome lets go of it)
         if future.on_start is not None:
             self._on_start(future, job)
         try:
-            # Its head before the write: the reply can come (and be read) before send returns.
             sent = channel.sock.send(job.frame, socket.MSG_DONTWAIT)
-        except BlockingIOError:  # its socket is full: the supervisor sends the job
-            core.unsubmit(worker, job)
+        except BlockingIOError:  # its socket is full: the frame waits in its outbox
+            sent = 0
+        except OSError:  # it has gone: the job never reached it, and is queued
+            future._pickup = future.worker_pid = future.queue_wait = None
+            core.unsubmit(worker, job)  # no outcome can have come: nothing reached it
+            self.commands.append(lambda: self.core.write_failed(worker, ()))
+            self._wake()
             return False
-        except OSError:  # it has gone: its exit says how; the job goes back to the queue
-            self.commands.append(lambda: self.core.write_failed(worker, (job,)))
-            sent = -1
-        finally:
-            worker.writing = False
-        if 0 <= sent < len(job.frame):  # the rest when its socket has room, never waiting here
+        if sent < len(job.frame):  # the rest when its socket has room, never waiting here
             channel.link.outbox += job.frame[sent:]
             self.commands.append(functools.partial(self._watch, channel))
-        elif sent > 0:
-            future._pickup = (self, job)
-        if sent >= 0 and (job.timeout is not None or self.settings.max_memory is not None):
+        worker.writing = False  # only now: the supervisor writes what is left in the outbox
+        if job.timeout is not None or self.settings.max_memory is not None:
             self.commands.append(lambda: self.core.arm(worker, job, started))
+        if wait > WAIT_WARNING:  # (the counters are the state's)
+            self.commands.append(self.core.count_wait)
         if self.commands:
             self._wake()
         return True
@@ -336,6 +336,7 @@ class Supervisor(Shell):
                             with self.lock:
                                 self.commands.append(functools.partial(_reraise, exc))
                             break
+                        self._wake_if_needed()  # jobs a recall gave back, say
             finally:
                 self._stop_picking(channel)
         finally:
@@ -349,6 +350,11 @@ class Supervisor(Shell):
             self._execute()
         else:
             self._watch(channel)
+        self._wake_if_needed()
+
+    def _wake_if_needed(self) -> None:
+        """Wake the supervisor thread if what a caller handled (state lock held) left it work:
+        it sleeps until something it watches happens, and would not see this."""
         # _sleeping cannot change while the state lock is held; a command queued meanwhile
         # by another thread comes with its own wake-up.
         if self._sleeping and not self._stopped and self._has_work_for_the_loop():
@@ -359,8 +365,8 @@ class Supervisor(Shell):
         core = self.core
         return bool(
             self.commands
-            or core.queue
-            or core.waiting  # a worker may be idle now: dispatch or recall
+            or core.queue  # to dispatch
+            or (core.waiting and core.idle)  # to recall
             or core.next_timer() < self._sleep_until  # a timer it must keep
             or core.finished  # the last worker is gone: it ends
         )
