@@ -25,7 +25,7 @@ from corral import (
     Scheduler,
     SchedulerConfig,
 )
-from corral._ledger import Claim, Coordinator
+from corral._ledger import Claim, ClaimResult, Coordinator
 from corral._replicas import anchored, multi_worker_server
 from netproxy import Proxy
 from schedtools import Recorder
@@ -227,8 +227,6 @@ async def test_a_scheduler_without_a_database_under_several_workers_warns_with_t
 async def test_outcomes_finished_while_the_database_is_away_are_recorded_when_it_is_back(
     tmp_path: Path,
 ) -> None:
-    from corral._ledger import Claim, ClaimResult, Coordinator
-
     url = make_url(fresh_database("postgresql", tmp_path))
     proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
     through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
@@ -432,6 +430,83 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
         assert [r.status for r in ledger.runs(task="sum")] == ["executed"]
     finally:
         ledger.close()
+
+
+async def test_a_fire_being_claimed_when_a_blocking_shutdown_begins_on_the_loop_runs_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncz calls ``shutdown(wait=True)`` on the event loop's thread, which the claim's answer
+    needs: the blocked thread settles the claim itself, and the fire runs before it returns
+    (not cancelled at ``shutdown_timeout``, nor waited for forever without one)."""
+    url = fresh_database("sqlite", tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    claim_many = Ledger.claim_many
+
+    def slow_claim(self: Ledger, requests: Any) -> Any:
+        entered.set()
+        release.wait(60)  # the database answers once the shutdown has begun
+        return claim_many(self, requests)
+
+    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    sched = Scheduler(config(url, mistrigger_grace_time=30, shutdown_timeout=None))
+    sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    executor = sched._process_executor
+    assert executor is not None
+    await asyncio.to_thread(entered.wait, 60)
+
+    def answer_once_draining() -> None:
+        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
+        release.set()
+
+    answerer = threading.Thread(target=answer_once_draining)
+    answerer.start()
+    executor.shutdown(wait=True)  # blocks this loop's thread, as asyncz's shutdown does
+    answerer.join(10)
+    [event] = recorder.matching(TASK_EXECUTED, "sum")
+    assert event.return_value == 3
+    assert not recorder.matching(TASK_ERROR)
+    await sched.shutdown()
+
+
+def test_a_delayed_claim_is_made_by_the_ledgers_thread_without_an_event_loop(
+    tmp_path: Path,
+) -> None:
+    """A replica with no free worker claims a little later; the ledger's own thread keeps that
+    delay, so a loop blocked meanwhile (a shutdown on its thread) does not hold the claim up,
+    and a stop makes the claims still waiting at once."""
+    coordinator = Coordinator(Ledger(fresh_database("sqlite", tmp_path)), on_lost=lambda _: None)
+    coordinator.start()
+    answered: list[tuple[float, Claim]] = []
+    sent = time.monotonic()
+
+    def answer(results: list[ClaimResult] | None, error: BaseException | None) -> None:
+        assert results is not None, error
+        answered.append((time.monotonic() - sent, results[0].claim))
+
+    try:
+        coordinator.claim(
+            "soon",
+            [datetime(2030, 1, 1, tzinfo=UTC)],
+            1,
+            answer,
+            delay=0.2,
+        )
+        coordinator.claim(
+            "later",
+            [datetime(2030, 1, 1, tzinfo=UTC)],
+            1,
+            answer,
+            delay=3600,
+        )
+        wait_until(lambda: answered, what="the delayed claim")
+        [(after, claim)] = answered
+        assert after >= 0.2
+        assert claim is Claim.WON
+    finally:
+        coordinator.stop()
+    assert [claim for _, claim in answered] == [Claim.WON, Claim.WON]  # the hour-late one too
 
 
 async def test_a_claim_answered_late_does_not_make_its_fire_missed(

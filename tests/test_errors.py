@@ -104,6 +104,9 @@ CASES: dict[str, Callable[[Any], str]] = {
     "`ProcessExecutor(max_workers=2, workers=3)`": lambda _: raised(
         lambda: ProcessExecutor(max_workers=2, workers=3)
     ),
+    '`ProcessExecutor(task_timeouts={"report": 0})`': lambda _: raised(
+        lambda: ProcessExecutor(task_timeouts={"report": 0})
+    ),
     '`AsynczConfig(configurations={"asyncz.stores.default": {"type": "redis"}})`': lambda _: raised(
         lambda: AsynczConfig(configurations={"asyncz.stores.default": {"type": "redis"}})
     ),

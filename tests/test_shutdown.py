@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -327,6 +328,152 @@ async def test_asyncz_own_shutdown_blocks_its_loop_until_every_run_has_reported(
     executed = await recorder.count(TASK_EXECUTED, None, 3)
     assert sorted(event.task_id for event in executed) == ["run-0", "run-1", "run-2"]
     assert dict(asyncz.instances) == {}
+
+
+async def test_thousands_of_run_times_not_reached_in_a_blocking_shutdown_each_report(
+    tmp_path: Path,
+) -> None:
+    """A run with 2,000 run times when the pool stops in asyncz's own (blocking) shutdown: each
+    one not reached is reported cancelled, one after another (not one call inside the other,
+    which Python's recursion limit would end halfway), and the instance is released."""
+    executor = ProcessExecutor(workers=1, kill_grace=0.2, shutdown_timeout=0.5)
+    recorder = Recorder()
+    asyncz = plain_asyncz(executor, tmp_path / "never", 0)
+    asyncz.add_listener(recorder)
+    asyncz.pause()
+    task = asyncz.add_task(
+        shutdown_tasks.wait_for,
+        trigger=IntervalTrigger(hours=1),
+        args=[str(tmp_path / "never")],
+        id="catch-up",
+        coalesce=False,
+        mistrigger_grace_time=None,
+    )
+    now = datetime.now(UTC)
+    executor.send_task(task, [now - timedelta(seconds=2000 - i) for i in range(2000)])
+    await until(lambda: (s := executor.statistics()) and s.running == 1, "the first run time")
+    asyncz.shutdown()  # on this loop, at the next turn: blocks it until the runs are over
+    await asyncio.sleep(0)
+    assert executor._drain.finished.is_set()
+    errors = cancelled(recorder)
+    assert len(errors) == 2000
+    assert dict(asyncz.instances) == {}
+
+
+async def test_a_listener_that_looks_a_task_up_during_asyncz_own_shutdown_runs(
+    tmp_path: Path,
+) -> None:
+    """asyncz holds its store lock (re-entrant) on the loop's thread while its shutdown waits
+    for the runs: their events are dispatched on that thread, so a listener that looks a task
+    up there runs at once instead of waiting for the lock forever."""
+    gate = tmp_path / "gate"
+    executor = ProcessExecutor(workers=1, kill_grace=0.2, shutdown_timeout=None)
+    asyncz = plain_asyncz(executor, gate, 1)
+    looked_up: list[tuple[str, bool]] = []
+
+    def look_up(event: Any) -> None:
+        task = asyncz.get_task(event.task_id)  # asyncz's store lock
+        looked_up.append((threading.current_thread().name, task is None))
+
+    asyncz.add_listener(look_up, TASK_EXECUTED)
+    await until(lambda: (s := executor.statistics()) and s.running == 1, "the run to start")
+
+    def open_the_gate_once_draining() -> None:
+        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
+        gate.touch()
+
+    opener = threading.Thread(target=open_the_gate_once_draining)
+    opener.start()
+    asyncz.shutdown()
+    await asyncio.sleep(0)
+    opener.join(10)
+    assert executor._drain.finished.is_set()
+    assert looked_up == [(threading.current_thread().name, True)]  # (a date task is gone)
+
+
+async def test_an_executor_started_again_after_a_shutdown_drains_its_new_pool(
+    tmp_path: Path,
+) -> None:
+    """asyncz can start a scheduler again after a shutdown: the executor's second shutdown
+    waits for the runs handed over since, and stops the pool it started the second time."""
+    gate = tmp_path / "gate"
+    executor = ProcessExecutor(workers=1, kill_grace=0.2)
+    asyncz = plain_asyncz(executor, gate, 0)
+    asyncz.shutdown()
+    await asyncio.sleep(0)
+    first_pool = executor.pool
+    asyncz.start()
+    recorder = Recorder()
+    asyncz.add_listener(recorder)
+    asyncz.add_task(
+        shutdown_tasks.wait_for,
+        trigger=DateTrigger(run_at=datetime.now(UTC)),
+        args=[str(gate)],
+        id="second",
+        mistrigger_grace_time=None,
+    )
+    await until(lambda: (s := executor.statistics()) and s.running == 1, "the run to start")
+    pool = executor.pool
+    assert pool is not None and pool is not first_pool
+    closing = asyncio.ensure_future(executor.aclose())
+    await until(lambda: executor._drain.started, "the second shutdown to begin")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done()  # the run is still going
+    gate.touch()
+    await asyncio.wait_for(closing, 30)
+    assert [event.task_id for event in recorder.matching(TASK_EXECUTED)] == ["second"]
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    assert supervisor.finished.wait(10)
+    asyncz.shutdown()
+    await asyncio.sleep(0)
+
+
+async def test_an_outcome_whose_logging_raises_is_still_reported_and_releases_its_instance(
+    tmp_path: Path,
+) -> None:
+    """A logging filter of the app raises on one run's lines: its event is still dispatched,
+    its instance released, and the outcomes handed over with it are reported too."""
+
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if getattr(record, "corral_job_label", None) == "run-0":
+                raise RuntimeError("a broken filter")
+            return True
+
+    gate = tmp_path / "gate"
+    gate.touch()
+    executor = ProcessExecutor(workers=2, kill_grace=0.2)
+    executor_logger = logging.getLogger("asyncz.executors.default")
+    broken = Broken()
+    executor_logger.addFilter(broken)
+    level = executor_logger.level
+    executor_logger.setLevel(logging.INFO)
+    try:
+        recorder = Recorder()
+        asyncz = AsyncIOScheduler(executors={"default": executor})
+        asyncz.add_listener(recorder)
+        asyncz.start()
+        now = datetime.now(UTC)
+        for i in range(3):
+            asyncz.add_task(
+                shutdown_tasks.wait_for,
+                trigger=DateTrigger(run_at=now),
+                args=[str(gate)],
+                id=f"run-{i}",
+                mistrigger_grace_time=None,
+            )
+        executed = await recorder.count(TASK_EXECUTED, None, 3)
+        assert sorted(event.task_id for event in executed) == ["run-0", "run-1", "run-2"]
+        await until(lambda: not asyncz.instances, "every instance to be released")
+        await asyncio.wait_for(executor.aclose(), 30)
+        assert executor._drain.runs == 0
+        asyncz.shutdown()
+        await asyncio.sleep(0)
+    finally:
+        executor_logger.removeFilter(broken)
+        executor_logger.setLevel(level)
 
 
 async def test_cancel_futures_cancels_the_runs_still_waiting_for_a_worker(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from asyncz.events.constants import (
     TASK_SUBMITTED,
 )
 
+from corral._delivery import Delivery
 from corral._exceptions import (
     DatabaseUnavailableError,
     JobCancelledError,
@@ -89,6 +90,7 @@ class Claims:
         self.coordinator = coordinator
         self.scheduler = scheduler
         self.loop = loop
+        self._delivery = Delivery.of(loop)  # (a shutdown that blocks the loop serves it)
         self.rerun_lost = rerun_lost
         self._open: dict[tuple[str, int], _OpenRun] = {}
         # asyncz's TASK_SUBMITTED for fires being claimed, held until the claim is decided:
@@ -136,14 +138,9 @@ class Claims:
             self._call_soon(settle, results, error)
 
         executor.claim_sent()
-
-        def send() -> None:
-            self.coordinator.claim(task_id, run_times, task.max_instances, done, attempt=attempt)
-
-        if delay > 0:
-            self.loop.call_later(delay, send)
-        else:
-            send()
+        self.coordinator.claim(
+            task_id, run_times, task.max_instances, done, attempt=attempt, delay=delay
+        )
 
     def hold(self, event: Any) -> bool:
         """Keep asyncz's TASK_SUBMITTED of a fire being claimed until the claim is decided."""
@@ -342,10 +339,7 @@ class Claims:
         self.claim(executor, task, scheduled, attempt=attempt)
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: nobody is left to tell
-            logger.debug("corral ledger callback dropped: the event loop is closed")
+        self._delivery.call(callback, *args)
 
 
 def _key(task_id: str, run_times: list[datetime]) -> tuple[str, tuple[int, ...]]:

@@ -136,8 +136,7 @@ class DaskExecutor(RunExecutor):
             return
         self._begin_drain(timeout)
         if wait:
-            self._stop_delivering_to_this_thread()
-            self._drain.finished.wait()
+            self._wait_drained()
 
     async def aclose(self, timeout: float | None = DEFAULT) -> None:
         """``shutdown(wait=True)`` without blocking the event loop."""
@@ -157,7 +156,7 @@ class DaskExecutor(RunExecutor):
             self.cluster,
             self.shutdown_timeout if timeout is DEFAULT else timeout,
             cancel_queued=False,
-            hand_over=self._hand_over_stranded,
+            hand_over=self._delivery.run_if_stranded,
         )
 
     # -- runs -----------------------------------------------------------------------------------

@@ -116,6 +116,15 @@ class Drain:
             )
         self._thread.start()
 
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once :attr:`finished` is set (at once if it is), on the thread
+        that sets it."""
+        with self._cond:
+            if not self.finished.is_set():
+                self._wakers.append(callback)
+                return
+        callback()
+
     async def wait(self) -> None:
         """Wait for :attr:`finished` without blocking the event loop."""
         loop = asyncio.get_running_loop()

@@ -116,8 +116,7 @@ class ProcessExecutor(RunExecutor):
             return
         self._begin_drain(timeout)
         if wait and self.pool.may_wait():  # (from a job's done-callback, it goes on unwaited)
-            self._stop_delivering_to_this_thread()
-            self._drain.finished.wait()
+            self._wait_drained()
 
     async def aclose(self, timeout: float | None = DEFAULT) -> None:
         """``shutdown(wait=True)`` without blocking the event loop. Cancelled while it waits
@@ -143,7 +142,7 @@ class ProcessExecutor(RunExecutor):
             self.pool,
             self.shutdown_timeout if timeout is DEFAULT else timeout,
             cancel_queued=self.cancel_futures,
-            hand_over=self._hand_over_stranded,
+            hand_over=self._delivery.run_if_stranded,
         )
 
     def statistics(self) -> PoolStatistics | None:
@@ -176,9 +175,6 @@ class ProcessExecutor(RunExecutor):
 
     def _on_outcome(self, run: Run, future: concurrent.futures.Future[Any]) -> None:
         run_time = run.run_times[run.index]
-        if self.run_observers:
-            self._observe(run, future)
-        self._note_start(run, run_time, future)
         error = future.exception()
         if error is None:
             event = TaskExecutionEvent(
@@ -188,13 +184,18 @@ class ProcessExecutor(RunExecutor):
                 scheduled_run_time=run_time,
                 return_value=future.result(),
             )
-            if self._log.isEnabledFor(logging.INFO):
-                log_executed(self._log, run.task, run_time, future)
         elif isinstance(error, JobMissedError):
             event = missed_event(run, run_time)
         else:
             event = self._error_event(run, run_time, error)
-        self._finish_one(run, event)
+        try:  # the app's observers and logging filters may raise: the outcome is reported
+            if self.run_observers:
+                self._observe(run, future)
+            self._note_start(run, run_time, future)
+            if error is None and self._log.isEnabledFor(logging.INFO):
+                log_executed(self._log, run.task, run_time, future)
+        finally:
+            self._finish_one(run, event)
 
     def _observe(self, run: Run, future: concurrent.futures.Future[Any]) -> None:
         wait = getattr(future, "queue_wait", None)

@@ -13,9 +13,7 @@ for them as long as it takes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +27,9 @@ from asyncz.executors.base import BaseExecutor
 
 from corral._constants import DEFAULT
 from corral._decorator import task_options
+from corral._delivery import Delivery
 from corral._drain import Drain
-from corral._exceptions import CorralError, JobCancelledError, PoolNotRunningError, RemoteTraceback
+from corral._exceptions import JobCancelledError, PoolNotRunningError, RemoteTraceback
 from corral._pool._settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -54,6 +53,8 @@ class Run:
     handed_at: datetime
     """When the scheduler handed the run over: lateness is measured here, not at start."""
     grace: float | None
+    drain: Drain
+    """The shutdown of the executor's pool it was handed to (which waits for it)."""
     index: int = 0
     """The current run time's index in ``run_times``."""
     submitted_at: float = 0.0
@@ -95,19 +96,24 @@ class RunExecutor(BaseExecutor):
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.task_timeouts: dict[str, float | None] = dict(task_timeouts or {})
+        for task_id, timeout in self.task_timeouts.items():
+            if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+                raise ValueError(
+                    f"task_timeouts[{task_id!r}]={timeout!r}: expected a positive number of "
+                    f"seconds, or None for no timeout"
+                )
         self.claims: Claims | None = None
         """Set (before start) when fires are claimed in a database shared by replicas."""
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._log = logging.getLogger("corral.executor")
-        self._inbox: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
-        self._inbox_lock = threading.Lock()
-        self._inbox_scheduled = False
+        self._delivery = Delivery(None)
         self._drain = Drain()
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
         self._log = self.logger or self._log
-        self._loop = getattr(scheduler, "event_loop", None)
+        self._delivery = Delivery.of(getattr(scheduler, "event_loop", None))
+        if self._drain.started:  # started again after a shutdown: a drain of its own
+            self._drain = Drain()
 
     # -- what a subclass says -------------------------------------------------------------------
 
@@ -175,12 +181,13 @@ class RunExecutor(BaseExecutor):
             if self.claims is None and instances[task_id] >= task.max_instances:
                 raise MaximumInstancesError(task_id, task.max_instances)
             instances[task_id] += 1
-            self._drain.run_started()
-        run = Run(self, task, task_id, str(task.store_alias), run_times, handed_at, grace)
+            drain = self._drain
+            drain.run_started()
+        run = Run(self, task, task_id, str(task.store_alias), run_times, handed_at, grace, drain)
         try:
             self._submit_next(run)
         except BaseException:
-            self._release(task_id)
+            self._release(run)
             raise
 
     def _submit_next(self, run: Run) -> None:
@@ -193,14 +200,16 @@ class RunExecutor(BaseExecutor):
         run.submitted_at = time.monotonic()
         try:
             future = self._submit_job(run, run_time)
-        except CorralError as exc:  # a full queue, an executor shutting down: its outcome
+        except Exception as exc:  # a full queue, a shutdown, a bad timeout: its outcome
             self._deliver(self._finish_one, run, self._error_event(run, run_time, exc))
             return
         future.corral_run_time = run_time
         future.on_start = run.job_started
-        if future.worker_pid is not None:  # it started before on_start was set
-            self._on_start(run, run_time, future)
-        future.add_done_callback(run.job_done)
+        try:
+            if future.worker_pid is not None:  # it started before on_start was set
+                self._on_start(run, run_time, future)
+        finally:
+            future.add_done_callback(run.job_done)
 
     def _on_start(self, run: Run, run_time: datetime, future: Any) -> None:
         if future.__dict__.setdefault("corral_start_seen", run) is run:  # once, whoever first
@@ -220,6 +229,21 @@ class RunExecutor(BaseExecutor):
         return error_event(run.task, run_time, error)
 
     def _finish_one(self, run: Run, event: TaskExecutionEvent) -> None:
+        """Report one run time's outcome, then go on to the next (or end the run), whatever
+        the app's logging and listeners do."""
+        try:
+            self._log_outcome(run, event)  # (a logging filter may raise)
+        finally:
+            try:
+                self.scheduler.dispatch_event(event)
+            finally:
+                run.index += 1
+                if run.index < len(run.run_times):
+                    self._submit_next(run)
+                else:
+                    self._release(run)
+
+    def _log_outcome(self, run: Run, event: TaskExecutionEvent) -> None:
         if event.code == TASK_MISSED:
             self._log.warning(
                 "Run time %s of task %r was missed", event.scheduled_run_time, run.task_id
@@ -233,20 +257,15 @@ class RunExecutor(BaseExecutor):
                 event.exception,
                 f"\n{event.traceback}" if event.traceback else "",
             )
-        self.scheduler.dispatch_event(event)
-        run.index += 1
-        if run.index < len(run.run_times):
-            self._submit_next(run)
-        else:
-            self._release(run.task_id)
 
-    def _release(self, task_id: str) -> None:
+    def _release(self, run: Run) -> None:
+        task_id = run.task_id
         with self.lock:
             instances = self.instances
             instances[task_id] -= 1
             if instances[task_id] <= 0:
                 del instances[task_id]
-        self._drain.run_ended()
+        run.drain.run_ended()
 
     def _timeout_of(self, task: TaskType) -> float | None:
         if task.id in self.task_timeouts:
@@ -259,48 +278,18 @@ class RunExecutor(BaseExecutor):
     # -- delivery to the event loop -------------------------------------------------------------
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run ``callback`` on the scheduler's event loop, or here if it has none running.
+        """Run ``callback`` on the scheduler's event loop (``Delivery``): never on the thread
+        that found the outcome."""
+        self._delivery.call(callback, *args)
 
-        Outcomes that arrive together are handed over in one batch: one wake-up of the loop,
-        not one per job.
-        """
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            callback(*args)
-            return
-        with self._inbox_lock:
-            self._inbox.append((callback, args))
-            if self._inbox_scheduled:
-                return
-            self._inbox_scheduled = True
-        try:
-            loop.call_soon_threadsafe(self._drain_inbox)
-        except RuntimeError:  # the loop closed in between
-            self._drain_inbox()
-
-    def _drain_inbox(self) -> None:
-        with self._inbox_lock:
-            batch, self._inbox = self._inbox, []
-            self._inbox_scheduled = False
-        for callback, args in batch:
-            callback(*args)
-
-    def _stop_delivering_to_this_thread(self) -> None:
-        """Called on the event loop's own thread, a blocking shutdown keeps that loop from
-        running: outcomes are then handled on the thread that reads them, as without a loop."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if running is self._loop:
-            self._loop = None
-            self._drain_inbox()  # what was handed to the loop already (``Drain`` looks again)
-
-    def _hand_over_stranded(self) -> None:
-        """Handle outcomes that wait for an event loop that no longer runs."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
-            self._drain_inbox()
+    def _wait_drained(self) -> None:
+        """Wait for the drain to finish; on the loop's own thread, delivering as it would."""
+        delivery = self._delivery
+        if delivery.on_loop_thread():
+            self._drain.when_finished(delivery.wake)
+            delivery.serve(self._drain.finished)
+        else:
+            self._drain.finished.wait()
 
 
 def missed_event(run: Run, run_time: datetime) -> TaskExecutionEvent:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -162,11 +164,15 @@ class Coordinator:
         done: Callable[[list[ClaimResult] | None, BaseException | None], None],
         *,
         attempt: int = 0,
+        delay: float = 0.0,
     ) -> None:
-        """Claim fires on the thread; ``done(results, error)`` is called there."""
-        self._queue.put(
-            ("claim", ClaimRequest(task, list(scheduled), max_instances, attempt), done)
-        )
+        """Claim fires on the thread, ``delay`` seconds from now (or at stop, if sooner);
+        ``done(results, error)`` is called there."""
+        item = ("claim", ClaimRequest(task, list(scheduled), max_instances, attempt), done)
+        if delay > 0:
+            self._queue.put(("later", (time.monotonic() + delay, item), None))
+        else:
+            self._queue.put(item)
 
     def started(self, run_id: int, worker_pid: int | None, started_at: float) -> None:
         """Record where and when a run started (never blocks: queued for the thread)."""
@@ -203,14 +209,28 @@ class Coordinator:
 
     def _main(self) -> None:
         next_tick = time.monotonic() + self.tick_every
+        later: list[tuple[float, int, Any]] = []  # claims to make at a time: (when, order, item)
+        order = itertools.count()
         while True:
+            wake = min(next_tick, later[0][0]) if later else next_tick
             try:
-                first = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
+                first = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 first = None
             items = [] if first is None else [first, *self._more()]
             stop = _STOP in items
-            self._handle([item for item in items if item is not _STOP])
+            now = []
+            for item in items:
+                if item is _STOP:
+                    continue
+                if item[0] == "later":
+                    at, claim = item[1]
+                    heapq.heappush(later, (at, next(order), claim))
+                else:
+                    now.append(item)
+            while later and (stop or later[0][0] <= time.monotonic()):
+                now.append(heapq.heappop(later)[2])
+            self._handle(now)
             if stop:
                 return
             if time.monotonic() >= next_tick:
