@@ -242,7 +242,8 @@ def test_back_to_back_jobs_from_several_threads_each_get_their_outcome(
 
 
 class _IdleListWatch(list[Any]):
-    """A pool's idle list that notes each change made without the submitters' lock held."""
+    """A pool's idle list that notes each change made without the submitters' lock held (by
+    the thread that makes it)."""
 
     def __init__(self, items: list[Any], lock: Any) -> None:
         super().__init__(items)
@@ -250,7 +251,7 @@ class _IdleListWatch(list[Any]):
         self.unlocked: list[str] = []
 
     def _check(self, what: str) -> None:
-        if not self.lock.locked():
+        if not self.lock._is_owned():  # (a re-entrant lock's, as Condition uses it)
             self.unlocked.append(what)
 
     def pop(self, index: Any = -1) -> Any:

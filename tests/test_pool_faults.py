@@ -406,3 +406,48 @@ def test_signals_interrupting_the_main_thread_as_it_submits_and_reads_lose_nothi
     stopping.start()
     stopping.join(60)
     assert not stopping.is_alive(), "the pool's shutdown hung"
+
+
+SIGNAL_HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys
+    sys.path.insert(0, {tests!r})
+    import jobs
+    from corral import Pool
+
+    pool = Pool(workers=1)
+    pool.start()
+    assert pool.wait_ready(30)
+    supervisor = pool._supervisor
+    futures = []
+
+    def submit(signum, frame):
+        futures.append(pool.submit(jobs.add, 1, 2))
+
+    def shut_down(signum, frame):
+        pool.shutdown(wait=True)  # cannot wait here: the thread it interrupted holds the lock
+        print("shutdown returned", flush=True)
+
+    signal.signal(signal.SIGUSR1, submit)
+    signal.signal(signal.SIGUSR2, shut_down)
+    with supervisor.lock:  # as the main thread holds it while it submits
+        signal.raise_signal(signal.SIGUSR1)
+    print("value", futures[0].result(30), flush=True)
+    with supervisor.lock:
+        signal.raise_signal(signal.SIGUSR2)
+    print("finished", supervisor.finished.wait(30), flush=True)
+    """
+)
+
+
+def test_a_signal_handler_that_calls_the_pool_while_the_main_thread_submits_does_not_hang() -> None:
+    """Python runs signal handlers on the main thread between any two lines, including while
+    that thread holds the pool's lock inside ``submit``: a handler that submits a job or shuts
+    the pool down there neither deadlocks on that lock nor waits for a supervisor that needs
+    it (the shutdown goes on once the handler returns)."""
+    script = SIGNAL_HANDLER_SCRIPT.format(tests=str(Path(__file__).parent))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["value 3", "shutdown returned", "finished True"]

@@ -452,18 +452,8 @@ async def test_an_outcome_whose_logging_raises_is_still_reported_and_releases_it
     executor_logger.setLevel(logging.INFO)
     try:
         recorder = Recorder()
-        asyncz = AsyncIOScheduler(executors={"default": executor})
-        asyncz.add_listener(recorder)
-        asyncz.start()
-        now = datetime.now(UTC)
-        for i in range(3):
-            asyncz.add_task(
-                shutdown_tasks.wait_for,
-                trigger=DateTrigger(run_at=now),
-                args=[str(gate)],
-                id=f"run-{i}",
-                mistrigger_grace_time=None,
-            )
+        asyncz = plain_asyncz(executor, gate, 3)
+        asyncz.add_listener(recorder)  # (before this loop's next turn: before any event)
         executed = await recorder.count(TASK_EXECUTED, None, 3)
         assert sorted(event.task_id for event in executed) == ["run-0", "run-1", "run-2"]
         await until(lambda: not asyncz.instances, "every instance to be released")

@@ -62,7 +62,8 @@ class Shell:
         self.settings = settings
         self.context = context
         self.name = name
-        self.lock = threading.Lock()
+        # Re-entrant: a signal handler run on the main thread while it submits may call the pool.
+        self.lock = threading.RLock()
         self.core = Core(settings, name, idle_lock=self.lock)  # submitters take idle workers
         self.counters = self.core.counters
         self.state_lock = threading.Lock()

@@ -234,9 +234,11 @@ class Supervisor(Shell):
     def may_wait_here(self) -> bool:
         """Whether this thread may wait for jobs to end: not one the supervisor would wait for
         (itself, or one that holds the state lock: a done-callback, or a signal handler, run
-        while that thread handles a reply)."""
+        while that thread handles a reply; nor a signal handler run while it holds ``lock``)."""
         me = threading.current_thread()
-        return me is not self._thread and self._owner != me.ident
+        if me is self._thread or self._owner == me.ident:
+            return False
+        return not self.lock._is_owned()  # type: ignore[attr-defined]  # (what Condition uses)
 
     def snapshot(self) -> PoolStatistics:
         workers = []
