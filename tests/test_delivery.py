@@ -4,8 +4,10 @@ time, never on the thread that hands them over, none lost whatever a call does."
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -142,3 +144,42 @@ def test_calls_stranded_on_a_loop_that_stopped_run_where_the_drain_asks() -> Non
     finally:
         if not loop.is_closed():
             loop.close()
+
+
+def test_calls_run_one_at_a_time_whichever_thread_finds_them_stranded() -> None:
+    """Two drains (two executors on one loop that stopped) look for stranded calls: one runs
+    them, in order; the other leaves them to it."""
+    loop = asyncio.new_event_loop()
+    try:
+        delivery = Delivery.of(loop)
+        inside, go_on = threading.Event(), threading.Event()
+        ran: list[int] = []
+
+        def first() -> None:
+            inside.set()
+            go_on.wait(10)
+            ran.append(1)
+
+        delivery.call(first)
+        delivery.call(ran.append, 2)
+        runner = threading.Thread(target=delivery.run_if_stranded)
+        runner.start()
+        assert inside.wait(10)
+        delivery.run_if_stranded()  # the other drain: the first runs them
+        assert ran == []
+        go_on.set()
+        runner.join(10)
+        assert ran == [1, 2]
+    finally:
+        loop.close()
+
+
+def test_a_delivery_keeps_no_loop_alive() -> None:
+    loop = asyncio.new_event_loop()
+    Delivery.of(loop).call(lambda: None)
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None

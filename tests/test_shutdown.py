@@ -430,6 +430,29 @@ async def test_an_executor_started_again_after_a_shutdown_drains_its_new_pool(
     await asyncio.sleep(0)
 
 
+async def test_a_claim_in_flight_when_the_executor_starts_again_settles_on_the_drain_it_was_on(
+    tmp_path: Path,
+) -> None:
+    """With a database, a fire handed over is claimed first, and the drain of a shutdown waits
+    for that claim. Started again before the answer comes, the executor has a drain of its
+    own: the answer settles the claim on the first drain (which then ends), not the second."""
+    executor = ProcessExecutor(workers=1, kill_grace=0.2, shutdown_timeout=None)
+    asyncz = plain_asyncz(executor, tmp_path / "gate", 0)
+    settled = executor.claim_sent()  # its answer comes after the restart
+    first = executor._drain
+    asyncz.shutdown(wait=False)
+    await asyncio.sleep(0)
+    asyncz.start()
+    second = executor._drain
+    assert second is not first
+    assert not first.finished.is_set()  # it waits for the claim
+    settled()
+    await until(first.finished.is_set, "the first drain to end once its claim settled")
+    assert second._claims == 0  # (taking it there would let its shutdown skip a claim)
+    asyncz.shutdown()
+    await asyncio.sleep(0)
+
+
 async def test_an_outcome_whose_logging_raises_is_still_reported_and_releases_its_instance(
     tmp_path: Path,
 ) -> None:

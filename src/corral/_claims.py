@@ -43,7 +43,7 @@ from corral._exceptions import (
     ReplicaLostError,
     WorkerDiedError,
 )
-from corral._ledger import Claim, ClaimResult, Coordinator, LostRun, RunStatus
+from corral._ledger import Claim, ClaimResult, ClaimWithdrawn, Coordinator, LostRun, RunStatus
 from corral._ledger._records import from_micros, micros
 from corral._ledger._schema import safe_url
 
@@ -65,9 +65,9 @@ class ClaimingExecutor(Protocol):
         self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
     ) -> None: ...
 
-    def claim_sent(self) -> None: ...
-
-    def claim_settled(self) -> None: ...
+    def claim_sent(self) -> Callable[[], None]:
+        """A claim is in flight; the function returned is called once it is settled."""
+        ...
 
 
 class Claims:
@@ -132,12 +132,12 @@ class Claims:
             try:
                 self._settle(executor, task, run_times, results, error, attempt, handed_at)
             finally:
-                executor.claim_settled()
+                settled()
 
         def done(results: list[ClaimResult] | None, error: BaseException | None) -> None:
             self._call_soon(settle, results, error)
 
-        executor.claim_sent()
+        settled = executor.claim_sent()
         self.coordinator.claim(
             task_id, run_times, task.max_instances, done, attempt=attempt, delay=delay
         )
@@ -214,13 +214,23 @@ class Claims:
     ) -> None:
         url = safe_url(self.coordinator.ledger.url)
         for run_time in run_times:
-            exc = DatabaseUnavailableError(
-                f"task {task.id!r}, run time {run_time.isoformat()}: not run, because its fire "
-                f"could not be claimed in {url} ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
-                f"check that the database is reachable",
-                database=url,
-            )
+            exc: BaseException
+            if isinstance(error, ClaimWithdrawn):  # the scheduler stopped first
+                exc = JobCancelledError(
+                    f"task {task.id!r}, run time {run_time.isoformat()}: cancelled at shutdown "
+                    f"before its fire was claimed (this replica had no free worker, and claims "
+                    f"late then); another replica sharing {url} may run it",
+                    job_id=None,
+                    started=False,
+                )
+            else:
+                exc = DatabaseUnavailableError(
+                    f"task {task.id!r}, run time {run_time.isoformat()}: not run, because its "
+                    f"fire could not be claimed in {url} ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                    f"check that the database is reachable",
+                    database=url,
+                )
             logger.error("%s", exc)
             self.scheduler.dispatch_event(
                 TaskExecutionEvent(

@@ -43,13 +43,21 @@ class Delivery:
     """Runs calls handed over from any thread on the event loop's thread (see the module)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.loop = loop
+        # (weak: a loop keeps no delivery alive, nor a delivery its loop)
+        self._loop = None if loop is None else weakref.ref(loop)
         self._calls: collections.deque[_Call] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the flags below
         self._more = threading.Condition(self._lock)  # for a serving thread
         self._scheduled = False  # a turn of the loop will run the calls
         self._servers = 0  # threads in ``serve``
         self._helper = False  # a thread of its own runs them
+        # Held by whoever runs calls: one at a time, whichever thread (re-entrant: a call may
+        # serve, as a shutdown called from a listener does).
+        self._running = threading.RLock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return None if self._loop is None else self._loop()
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop | None) -> Delivery:
@@ -73,27 +81,29 @@ class Delivery:
             if self._helper:
                 return
             loop = self.loop
-            if loop is None or loop.is_closed():  # (a turn asked for before it closed never comes)
-                self._scheduled = False
-                self._helper = True
-            elif self._scheduled:
-                return
-            else:
+            if loop is not None and not loop.is_closed():
+                if self._scheduled:
+                    return
                 self._scheduled = True
-        self._kick(loop)
+        if loop is None or loop.is_closed():  # (a turn asked for before it closed never comes)
+            self._start_helper()
+        else:
+            self._schedule(loop)
 
-    def _kick(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Have the loop (or, with none, a thread) run the calls (one of the flags is set)."""
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self.run_calls)
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask ``loop`` for a turn that runs the calls (``_scheduled`` is set)."""
+        try:
+            loop.call_soon_threadsafe(self.run_calls)
+        except RuntimeError:  # it closed in between
+            self._start_helper()
+
+    def _start_helper(self) -> None:
+        """A thread of its own runs the calls, unless one does, or a thread serves them."""
+        with self._lock:
+            self._scheduled = False
+            if self._helper or self._servers or not self._calls:
                 return
-            except RuntimeError:  # it closed in between
-                with self._lock:
-                    self._scheduled = False
-                    if self._helper or self._servers:
-                        return
-                    self._helper = True
+            self._helper = True
         threading.Thread(target=self._help, name="corral-delivery", daemon=True).start()
 
     def _next(self, *, helper: bool = False) -> _Call | None:
@@ -112,20 +122,24 @@ class Delivery:
 
     def run_calls(self) -> None:
         """Run what is queued (on the loop); what is handed over meanwhile runs too."""
-        try:
-            while (call := self._next()) is not None:
-                _run(call)
-        except BaseException:  # Ctrl-C in a call: the rest runs in the loop's next turn
-            with self._lock:
-                if not self._calls or self._servers:
-                    self._scheduled = False
-                    raise
-            self._kick(self.loop)
-            raise
+        with self._running:
+            try:
+                while (call := self._next()) is not None:
+                    _run(call)
+            except BaseException:  # Ctrl-C in a call: the rest runs in the loop's next turn
+                with self._lock:
+                    if not self._calls or self._servers:
+                        self._scheduled = False
+                        raise
+                loop = self.loop
+                if loop is not None:
+                    self._schedule(loop)
+                raise
 
     def _help(self) -> None:
-        while (call := self._next(helper=True)) is not None:
-            _run(call)
+        with self._running:
+            while (call := self._next(helper=True)) is not None:
+                _run(call)
 
     def serve(self, done: threading.Event) -> None:
         """Run the calls on this thread until ``done`` is set (it must be ``wake``'d then): a
@@ -134,10 +148,11 @@ class Delivery:
             self._servers += 1
         try:
             while not done.is_set():
-                call = self._take()
-                if call is not None:
-                    _run(call)
-                    continue
+                with self._running:
+                    call = self._take()
+                    if call is not None:
+                        _run(call)
+                        continue
                 with self._lock:
                     if not self._calls and not done.is_set():
                         self._more.wait()
@@ -145,16 +160,16 @@ class Delivery:
             with self._lock:
                 self._servers -= 1
                 leftover = bool(self._calls) and not self._servers
-                if leftover and not self._scheduled and not self._helper:
-                    loop = self.loop
-                    if loop is None or loop.is_closed():
-                        self._helper = True
-                    else:
-                        self._scheduled = True
-                else:
+                loop = self.loop
+                if not leftover or self._scheduled or self._helper:
                     leftover = False
+                elif loop is not None and not loop.is_closed():
+                    self._scheduled = True
             if leftover:
-                self._kick(self.loop)
+                if loop is None or loop.is_closed():
+                    self._start_helper()
+                else:
+                    self._schedule(loop)
 
     def _take(self) -> _Call | None:
         try:
@@ -174,15 +189,15 @@ class Delivery:
         if loop is None or self._servers or loop.is_running():
             return  # the loop, a serving thread or the helper runs them
         if loop.is_closed():  # a turn of it was asked for, and never comes: the helper's
-            with self._lock:
-                if not self._calls or self._helper or self._servers:
-                    return
-                self._scheduled = False
-                self._helper = True
-            self._kick(None)
+            self._start_helper()
             return
-        while (call := self._take()) is not None:
-            _run(call)
+        if not self._running.acquire(blocking=False):
+            return  # another thread runs them
+        try:
+            while (call := self._take()) is not None:
+                _run(call)
+        finally:
+            self._running.release()
 
     def on_loop_thread(self) -> bool:
         """Whether this thread runs the loop now (a call that blocks here blocks the loop)."""

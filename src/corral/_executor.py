@@ -254,11 +254,9 @@ class _ClaimsFirst:
             return
         self.claims.claim(self, task, list(run_times))
 
-    def claim_sent(self) -> None:
+    def claim_sent(self) -> Callable[[], None]:
         """asyncz's own executors do not wait for claims in flight at shutdown."""
-
-    def claim_settled(self) -> None:
-        pass
+        return _nothing
 
     def run_claimed(
         self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
@@ -306,6 +304,10 @@ def _run_coroutine_task_in_thread(
 
 class AsyncIOExecutor(_ClaimsFirst, _AsynczAsyncIOExecutor):
     """asyncz's asyncio executor: ``async def`` tasks run on the app's event loop."""
+
+
+def _nothing() -> None:
+    pass
 
 
 def log_running(

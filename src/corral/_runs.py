@@ -154,13 +154,13 @@ class RunExecutor(BaseExecutor):
     def do_send_task(self, task: TaskType, run_times: list[datetime]) -> None:
         self.send_task(task, run_times)
 
-    def claim_sent(self) -> None:
+    def claim_sent(self) -> Callable[[], None]:
         """A claim is in flight: a shutdown waits for it as for a run (its fires were handed
-        over before the shutdown)."""
-        self._drain.claim_sent()
-
-    def claim_settled(self) -> None:
-        self._drain.claim_settled()
+        over before the shutdown). Returns what to call once it is settled (the same drain's,
+        even if the executor was started again meanwhile)."""
+        drain = self._drain
+        drain.claim_sent()
+        return drain.claim_settled
 
     def run_claimed(
         self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime

@@ -3,7 +3,7 @@
 Knows nothing of asyncz or the pool; the scheduler drives it through a :class:`Coordinator`.
 """
 
-from corral._ledger._coordinator import Coordinator, LedgerStatistics
+from corral._ledger._coordinator import ClaimWithdrawn, Coordinator, LedgerStatistics
 from corral._ledger._ledger import DEFAULT_LEASE, Ledger
 from corral._ledger._records import (
     FINAL_STATUSES,
@@ -22,6 +22,7 @@ __all__ = [
     "RUN_STATUSES",
     "Claim",
     "ClaimResult",
+    "ClaimWithdrawn",
     "Coordinator",
     "Ledger",
     "LedgerStatistics",

@@ -44,6 +44,12 @@ from corral._ledger._schema import safe_url
 logger = logging.getLogger("corral.ledger")
 
 Done = Callable[[Any, BaseException | None], None]
+
+
+class ClaimWithdrawn(Exception):
+    """A claim the coordinator did not make: it stopped while the claim waited for its time."""
+
+
 PENDING_LIMIT = 10_000
 BATCH = 500  # most queued calls handled together
 PRUNE_EVERY = 3600.0
@@ -166,8 +172,9 @@ class Coordinator:
         attempt: int = 0,
         delay: float = 0.0,
     ) -> None:
-        """Claim fires on the thread, ``delay`` seconds from now (or at stop, if sooner);
-        ``done(results, error)`` is called there."""
+        """Claim fires on the thread, ``delay`` seconds from now; ``done(results, error)`` is
+        called there. A claim still waiting for its time when the coordinator stops is not made
+        (``ClaimWithdrawn``): the fires are left to the replicas that go on."""
         item = ("claim", ClaimRequest(task, list(scheduled), max_instances, attempt), done)
         if delay > 0:
             self._queue.put(("later", (time.monotonic() + delay, item), None))
@@ -228,9 +235,16 @@ class Coordinator:
                     heapq.heappush(later, (at, next(order), claim))
                 else:
                     now.append(item)
-            while later and (stop or later[0][0] <= time.monotonic()):
+            while later and later[0][0] <= time.monotonic():
                 now.append(heapq.heappop(later)[2])
             self._handle(now)
+            if stop:
+                for _, _, (_, request, done) in later:
+                    error = ClaimWithdrawn(
+                        f"task {request.task!r}: the scheduler stopped before it claimed "
+                        f"{len(request.scheduled)} fire(s); a replica still running may run them"
+                    )
+                    self._call_back(done, None, error)
             if stop:
                 return
             if time.monotonic() >= next_tick:
