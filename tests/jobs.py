@@ -320,3 +320,13 @@ def hold_then_log(fifo: str, message: str) -> str:
     """Block until released through ``fifo``, then log and print ``message``."""
     hold(fifo)
     return log_and_print(message)
+
+
+def hold_then_print_lines(fifo: str, count: int) -> int:
+    """Block until released through ``fifo``, then print ``count`` lines a millisecond apart
+    (each one message to the parent, or a few together on a busy machine)."""
+    hold(fifo)
+    for number in range(count):
+        print(f"line {number}", flush=True)
+        time.sleep(0.001)
+    return count

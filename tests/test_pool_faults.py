@@ -424,15 +424,24 @@ SIGNAL_HANDLER_SCRIPT = textwrap.dedent(
     def submit(signum, frame):
         futures.append(pool.submit(jobs.add, 1, 2))
 
+    def wait_for_a_job(signum, frame):
+        try:
+            pool.submit(jobs.add, 2, 3).result(30)
+        except RuntimeError as exc:  # at once: its outcome needs the lock this thread holds
+            print("refused", "cannot wait for it" in str(exc), flush=True)
+
     def shut_down(signum, frame):
         pool.shutdown(wait=True)  # cannot wait here: the thread it interrupted holds the lock
         print("shutdown returned", flush=True)
 
     signal.signal(signal.SIGUSR1, submit)
     signal.signal(signal.SIGUSR2, shut_down)
+    signal.signal(signal.SIGHUP, wait_for_a_job)
     with supervisor.lock:  # as the main thread holds it while it submits
         signal.raise_signal(signal.SIGUSR1)
     print("value", futures[0].result(30), flush=True)
+    with supervisor.lock:
+        signal.raise_signal(signal.SIGHUP)
     with supervisor.lock:
         signal.raise_signal(signal.SIGUSR2)
     print("finished", supervisor.finished.wait(30), flush=True)
@@ -444,10 +453,16 @@ def test_a_signal_handler_that_calls_the_pool_while_the_main_thread_submits_does
     """Python runs signal handlers on the main thread between any two lines, including while
     that thread holds the pool's lock inside ``submit``: a handler that submits a job or shuts
     the pool down there neither deadlocks on that lock nor waits for a supervisor that needs
-    it (the shutdown goes on once the handler returns)."""
+    it (the shutdown goes on once the handler returns); one that waits for a job's outcome is
+    refused at once, since that outcome needs the lock."""
     script = SIGNAL_HANDLER_SCRIPT.format(tests=str(Path(__file__).parent))
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["value 3", "shutdown returned", "finished True"]
+    assert done.stdout.splitlines() == [
+        "value 3",
+        "refused True",
+        "shutdown returned",
+        "finished True",
+    ]

@@ -234,6 +234,37 @@ def test_shutdown_in_a_calls_done_callback_returns_and_the_other_calls_go_on(
     assert pool.submit(jobs.add, 1, 2).result(10) == 3
 
 
+def test_waiting_for_another_job_in_a_done_callback_is_refused_at_once(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """A done-callback runs on the thread that handles the pool's replies; waiting there for a
+    job that is not done would wait for that very thread: ``RuntimeError`` says so at once,
+    and supervision goes on."""
+    pool = make_pool(workers=2)
+    first_gate, second_gate = Gate(tmp_path / "first"), Gate(tmp_path / "second")
+    first = pool.submit(jobs.hold, first_gate.path)
+    second = pool.submit(jobs.hold, second_gate.path)
+    raised: list[BaseException] = []
+    called = threading.Event()
+
+    def wait_for_second(_: object) -> None:
+        try:
+            second.result(5)
+        except BaseException as exc:
+            raised.append(exc)
+        called.set()
+
+    first.add_done_callback(wait_for_second)
+    first_gate.release()
+    assert called.wait(10)
+    [error] = raised
+    assert isinstance(error, RuntimeError)
+    assert f"job {second.job_id} is not done, and this thread cannot wait for it" in str(error)
+    assert "add_done_callback" in str(error)
+    second_gate.release()
+    assert second.result(10) == second.worker_pid
+
+
 # -- the job's future -----------------------------------------------------------------------------
 
 

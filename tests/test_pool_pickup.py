@@ -425,3 +425,36 @@ def test_a_worker_whose_exit_the_supervisor_handles_is_not_given_a_job(
     go_on.set()
     assert future.result(30) != dead
     assert pool.statistics().crashed == 0
+
+
+def test_a_caller_reading_output_lines_does_not_wake_the_supervisor_for_each(
+    make_pool: PoolFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While jobs are queued, a caller reading its job's output wakes the supervisor only when
+    what it read changed the supervisor's work (its reply frees the worker), not per line."""
+    pool = make_pool(workers=2)
+    supervisor = pool._supervisor
+    assert supervisor is not None
+    other_gate, chatty_gate = Gate(tmp_path / "other"), Gate(tmp_path / "chatty")
+    other = pool.submit(jobs.hold, other_gate.path)
+    chatty = pool.submit(jobs.hold_then_print_lines, chatty_gate.path, 300)
+    wait_until(lambda: len(busy_pids(pool)) == 2, what="both workers to be busy")
+    queued = [pool.submit(jobs.pid) for _ in range(300)]  # more than the batches take
+    wait_until(lambda: waiting(pool) == 128, what="full batches behind both workers")
+    wakes: list[int] = []
+    wake = supervisor._wake
+
+    def counted() -> None:
+        if supervisor._sleeping and not supervisor._wake_pending:  # a byte is written
+            wakes.append(1)
+        wake()
+
+    monkeypatch.setattr(supervisor, "_wake", counted)
+    releaser = once_picking(pool, chatty_gate.release)
+    assert chatty.result(30) == 300
+    releaser.join(10)
+    monkeypatch.setattr(supervisor, "_wake", wake)
+    assert len(wakes) <= 3, f"{len(wakes)} wake-ups for 300 lines"
+    other_gate.release()
+    assert other.result(30) > 0
+    assert all(future.result(30) > 0 for future in queued)

@@ -448,9 +448,9 @@ class Simulation:
         del self.sim_workers[sim_worker.pid]
         if worker is None:
             return
+        self.core.exiting(worker)
         self.parent_reads(worker, everything=True)
         self.trace.append(f"exit {sim_worker.pid} code={sim_worker.exit_code}")
-        self.core.exiting(worker)
         self.core.exited(worker, sim_worker.exit_code)
 
     def time_passes(self) -> None:

@@ -138,8 +138,10 @@ class Core(Jobs):
             self._resolve(head, outcome)
 
     def exiting(self, worker: Worker) -> None:
-        """``worker``'s process has ended: no submitter may take it from the idle list any more
-        (one that took it before has written to it, or failed to: see ``unsubmit``)."""
+        """``worker``'s process has ended (what it sent is still to be read, then ``exited``):
+        it is never idle again, so no submitter takes it (one that took it before has written
+        to it, or failed to: see ``unsubmit``)."""
+        worker.exit_seen = True
         self.fleet.withdraw(worker)
 
     def broken(self, worker: Worker, what: str) -> None:

@@ -134,7 +134,8 @@ class Fleet:
     def make_idle(self, worker: Worker) -> None:
         with self.idle_lock:
             worker.state = "idle"
-            self.idle.append(worker)
+            if not worker.exit_seen:  # (a dead worker's exit, being handled, replaces it)
+                self.idle.append(worker)
 
     def take_idle(self, worker: Worker) -> bool:
         """Take ``worker`` out of the idle list, if it is there (``False``: it is not idle, or a

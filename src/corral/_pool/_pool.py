@@ -240,6 +240,7 @@ class Pool:
         now = time.monotonic()
         start_by = None if start_within is None else now + start_within
         future: JobFuture[Any] = JobFuture(job_id, label)
+        future._supervisor = supervisor
         job = Job(
             id=job_id,
             label=label,

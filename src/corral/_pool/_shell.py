@@ -182,7 +182,7 @@ class Shell:
     def _resolve(self, action: Resolve) -> None:
         job, outcome = action.job, action.outcome
         future = job.future
-        future._pickup = None  # nothing to pick up: the future need not keep the job
+        future._pickup = future._supervisor = None  # the future need not keep the job now
         mark = self.outlet.mark()
         if mark is not None:  # what its worker sent before its outcome goes first
             future._output = (self.outlet, mark)
@@ -287,6 +287,11 @@ class Shell:
         if not channel.exited:
             channel.exited = True
             self._selector.unregister(channel.process.sentinel)
+        worker = channel.worker
+        if worker is not None:
+            # First: no submitter takes it from now on (one that did has written to it, or
+            # failed to: the job is queued again), even if what is left to read makes it idle.
+            self.core.exiting(worker)
         if channel.picker:
             # A caller reads its socket, and may hold a reply it has not handled yet: that
             # caller finishes this when it stops. It may wait for an end that a process the
@@ -295,9 +300,6 @@ class Shell:
             return
         while channel.reading and channel.readable():
             self._on_readable(channel)  # a reply sent just before the exit still counts
-        worker = channel.worker
-        if worker is not None:
-            self.core.exiting(worker)  # before its socket closes: a submitter's write fails
         channel.reading = False
         self._unwatch(channel)
         channel.sock.close()

@@ -51,6 +51,7 @@ class Worker:
     recalled: bool = False  # jobs were taken back from behind its head: send it no more
     writing: bool = False  # a submitter writes its head to it: nobody else writes to it
     broken: bool = False  # it sent bytes that are no message: what it did after is unknown
+    exit_seen: bool = False  # its process has ended: never idle again (no submitter takes it)
     timeout: Timer[Callable[[], None]] | None = None  # its head's timeout
     recalls: deque[list[tuple[int, int]]] = field(default_factory=deque)  # unanswered: ids, sends
 

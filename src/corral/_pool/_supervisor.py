@@ -96,6 +96,7 @@ class JobFuture(Future[_T]):
         # Called once a worker starts the job, on whichever thread starts it: must not block.
         self.on_start: Callable[[JobFuture[Any]], None] | None = None
         self._pickup: tuple[Supervisor, Job] | None = None  # set when submit wrote the job itself
+        self._supervisor: Supervisor | None = None  # until its outcome: who must not wait here
         self._output: tuple[Outlet, int] | None = None  # output to hand on before its outcome
 
     def result(self, timeout: float | None = None) -> _T:
@@ -116,6 +117,19 @@ class JobFuture(Future[_T]):
 
     def _pick_up(self, timeout: float | None) -> float | None:
         """Read the reply on this thread if it may; return what is left of ``timeout``."""
+        supervisor = self._supervisor
+        if (
+            supervisor is not None
+            and timeout != 0
+            and not supervisor.may_wait_here()
+            and not self.done()
+        ):
+            raise RuntimeError(
+                f"job {self.job_id} is not done, and this thread cannot wait for it: it runs "
+                f"the pool's own handling of jobs (the supervisor thread, a done-callback or "
+                f"on_start callback, or a signal handler that interrupted a submit), which that "
+                f"job's outcome needs; wait on another thread, or use add_done_callback"
+            )
         pickup, self._pickup = self._pickup, None
         if pickup is None or self.done():
             return timeout
@@ -331,6 +345,7 @@ class Supervisor(Shell):
                     finally:
                         self._hold()
                     if data is not None:
+                        before = self._work_mark()
                         try:
                             self._on_data(channel, data)
                             self._execute()
@@ -338,7 +353,8 @@ class Supervisor(Shell):
                             with self.lock:
                                 self.commands.append(functools.partial(_reraise, exc))
                             break
-                        self._wake_if_needed()  # jobs a recall gave back, say
+                        if self._work_mark() != before:  # jobs a recall gave back, say
+                            self._wake_if_needed()
             finally:
                 self._stop_picking(channel)
         finally:
@@ -362,6 +378,19 @@ class Supervisor(Shell):
         if self._sleeping and not self._stopped and self._has_work_for_the_loop():
             with self.lock:
                 self._wake()
+
+    def _work_mark(self) -> tuple[int, int, int, float, int, bool]:
+        """What the supervisor's work depends on: a caller that reads a worker's messages wakes
+        it only when they changed this (output and log lines do not)."""
+        core = self.core
+        return (
+            len(core.queue),
+            len(core.idle),
+            core.waiting,
+            core.next_timer(),
+            len(self.commands),
+            core.finished,
+        )
 
     def _has_work_for_the_loop(self) -> bool:
         core = self.core
