@@ -116,8 +116,14 @@ class JobFuture(Future[_T]):
                 self._await_output(began, timeout)
 
     def _pick_up(self, timeout: float | None) -> float | None:
-        """Read the reply on this thread if it may; return what is left of ``timeout``."""
-        supervisor = self._supervisor
+        """Read the reply on this thread if it may; return what is left of ``timeout``. Raise
+        ``RuntimeError`` if the job is not done and this thread can never see it done."""
+        pickup, self._pickup = self._pickup, None
+        if pickup is not None and not self.done():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            pickup[0].pick_up(pickup[1], deadline)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        supervisor = self._supervisor  # (``None`` once it has its outcome)
         if (
             supervisor is not None
             and timeout != 0
@@ -130,12 +136,7 @@ class JobFuture(Future[_T]):
                 f"on_start callback, or a signal handler that interrupted a submit), which that "
                 f"job's outcome needs; wait on another thread, or use add_done_callback"
             )
-        pickup, self._pickup = self._pickup, None
-        if pickup is None or self.done():
-            return timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pickup[0].pick_up(pickup[1], deadline)
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
+        return timeout
 
     def _await_output(self, began: float | None, timeout: float | None) -> None:
         """The job's output and log records, queued before its outcome, reach the app first
@@ -345,7 +346,7 @@ class Supervisor(Shell):
                     finally:
                         self._hold()
                     if data is not None:
-                        before = self._work_mark()
+                        queued = len(self.core.queue)
                         try:
                             self._on_data(channel, data)
                             self._execute()
@@ -353,7 +354,7 @@ class Supervisor(Shell):
                             with self.lock:
                                 self.commands.append(functools.partial(_reraise, exc))
                             break
-                        if self._work_mark() != before:  # jobs a recall gave back, say
+                        if len(self.core.queue) > queued:  # jobs a recall gave back
                             self._wake_if_needed()
             finally:
                 self._stop_picking(channel)
@@ -378,19 +379,6 @@ class Supervisor(Shell):
         if self._sleeping and not self._stopped and self._has_work_for_the_loop():
             with self.lock:
                 self._wake()
-
-    def _work_mark(self) -> tuple[int, int, int, float, int, bool]:
-        """What the supervisor's work depends on: a caller that reads a worker's messages wakes
-        it only when they changed this (output and log lines do not)."""
-        core = self.core
-        return (
-            len(core.queue),
-            len(core.idle),
-            core.waiting,
-            core.next_timer(),
-            len(self.commands),
-            core.finished,
-        )
 
     def _has_work_for_the_loop(self) -> bool:
         core = self.core
