@@ -391,6 +391,51 @@ async def test_a_listener_that_looks_a_task_up_during_asyncz_own_shutdown_runs(
     assert looked_up == [(threading.current_thread().name, True)]  # (a date task is gone)
 
 
+async def test_a_listener_that_shuts_the_executor_down_waits_for_the_other_runs(
+    tmp_path: Path,
+) -> None:
+    """A listener runs on the loop; one that calls ``shutdown(wait=True)`` blocks the loop
+    there: the outcomes handed over with its event and after it are delivered on that thread
+    while it waits, so it returns once the other runs have reported."""
+    first_gate, second_gate = tmp_path / "first", tmp_path / "second"
+    executor = ProcessExecutor(workers=2, kill_grace=0.2, shutdown_timeout=None)
+    asyncz = plain_asyncz(executor, first_gate, 0)
+    now = datetime.now(UTC)
+    for name, gate in (("first", first_gate), ("second", second_gate)):
+        asyncz.add_task(
+            shutdown_tasks.wait_for,
+            trigger=DateTrigger(run_at=now),
+            args=[str(gate)],
+            id=name,
+            mistrigger_grace_time=None,
+        )
+    executed: list[str] = []
+    returned: list[list[str]] = []
+
+    def listener(event: Any) -> None:
+        executed.append(event.task_id)
+        if event.task_id == "first":
+            executor.shutdown(wait=True)
+            returned.append(list(executed))
+
+    asyncz.add_listener(listener, TASK_EXECUTED)
+    await until(lambda: (s := executor.statistics()) and s.running == 2, "both runs to start")
+
+    def open_the_second_gate_once_draining() -> None:
+        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
+        second_gate.touch()
+
+    opener = threading.Thread(target=open_the_second_gate_once_draining)
+    opener.start()
+    first_gate.touch()
+    await until(lambda: returned, "the listener's shutdown to return")
+    opener.join(10)
+    assert returned == [["first", "second"]]
+    assert dict(asyncz.instances) == {}
+    asyncz.shutdown()
+    await asyncio.sleep(0)
+
+
 async def test_an_executor_started_again_after_a_shutdown_drains_its_new_pool(
     tmp_path: Path,
 ) -> None:

@@ -229,19 +229,23 @@ class RunExecutor(BaseExecutor):
         return error_event(run.task, run_time, error)
 
     def _finish_one(self, run: Run, event: TaskExecutionEvent) -> None:
-        """Report one run time's outcome, then go on to the next (or end the run), whatever
-        the app's logging and listeners do."""
+        """Report one run time's outcome and go on to the next (or end the run), whatever the
+        app's logging and listeners do.
+
+        The run goes on before its event is dispatched, as asyncz frees a task's instance before
+        it dispatches the run's events: a listener that waits for the runs (a shutdown called
+        there) does not wait for the very run that called it."""
+        run.index += 1
         try:
             self._log_outcome(run, event)  # (a logging filter may raise)
         finally:
             try:
-                self.scheduler.dispatch_event(event)
-            finally:
-                run.index += 1
                 if run.index < len(run.run_times):
                     self._submit_next(run)
                 else:
                     self._release(run)
+            finally:
+                self.scheduler.dispatch_event(event)
 
     def _log_outcome(self, run: Run, event: TaskExecutionEvent) -> None:
         if event.code == TASK_MISSED:
