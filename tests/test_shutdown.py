@@ -96,6 +96,19 @@ async def draining(executor: ProcessExecutor) -> None:
     await until(lambda: executor._drain.started, "the shutdown to begin")
 
 
+def open_once_draining(executor: ProcessExecutor, gate: Path) -> threading.Thread:
+    """Create ``gate`` (a thread of its own) once the executor's shutdown has begun: for a
+    shutdown that blocks the test's loop."""
+
+    def open_the_gate() -> None:
+        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
+        gate.touch()
+
+    opener = threading.Thread(target=open_the_gate)
+    opener.start()
+    return opener
+
+
 def cancelled(recorder: Recorder) -> list[JobCancelledError]:
     errors = [event.exception for event in recorder.matching(TASK_ERROR)]
     assert all(isinstance(error, JobCancelledError) for error in errors), errors
@@ -315,12 +328,7 @@ async def test_asyncz_own_shutdown_blocks_its_loop_until_every_run_has_reported(
         "one run running and two waiting",
     )
 
-    def open_the_gate_once_draining() -> None:
-        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
-        gate.touch()
-
-    opener = threading.Thread(target=open_the_gate_once_draining)
-    opener.start()
+    opener = open_once_draining(executor, gate)
     asyncz.shutdown()  # asyncz runs it on this loop, at the next turn
     await asyncio.sleep(0)
     opener.join(10)
@@ -378,12 +386,7 @@ async def test_a_listener_that_looks_a_task_up_during_asyncz_own_shutdown_runs(
     asyncz.add_listener(look_up, TASK_EXECUTED)
     await until(lambda: (s := executor.statistics()) and s.running == 1, "the run to start")
 
-    def open_the_gate_once_draining() -> None:
-        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
-        gate.touch()
-
-    opener = threading.Thread(target=open_the_gate_once_draining)
-    opener.start()
+    opener = open_once_draining(executor, gate)
     asyncz.shutdown()
     await asyncio.sleep(0)
     opener.join(10)
@@ -421,12 +424,7 @@ async def test_a_listener_that_shuts_the_executor_down_waits_for_the_other_runs(
     asyncz.add_listener(listener, TASK_EXECUTED)
     await until(lambda: (s := executor.statistics()) and s.running == 2, "both runs to start")
 
-    def open_the_second_gate_once_draining() -> None:
-        wait_until(lambda: executor._drain.started, what="the shutdown to begin")
-        second_gate.touch()
-
-    opener = threading.Thread(target=open_the_second_gate_once_draining)
-    opener.start()
+    opener = open_once_draining(executor, second_gate)
     first_gate.touch()
     await until(lambda: returned, "the listener's shutdown to return")
     opener.join(10)

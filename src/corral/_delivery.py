@@ -78,32 +78,28 @@ class Delivery:
             if self._servers:
                 self._more.notify()
                 return
-            if self._helper:
-                return
-            loop = self.loop
-            if loop is not None and not loop.is_closed():
-                if self._scheduled:
-                    return
-                self._scheduled = True
-        if loop is None or loop.is_closed():  # (a turn asked for before it closed never comes)
-            self._start_helper()
-        else:
-            self._schedule(loop)
+            if self._helper or (self._scheduled and _open(self.loop)):
+                return  # what runs the calls takes this one too
+        self._hand_on()
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Ask ``loop`` for a turn that runs the calls (``_scheduled`` is set)."""
-        try:
-            loop.call_soon_threadsafe(self.run_calls)
-        except RuntimeError:  # it closed in between
-            self._start_helper()
-
-    def _start_helper(self) -> None:
-        """A thread of its own runs the calls, unless one does, or a thread serves them."""
+    def _hand_on(self) -> None:
+        """Have the queued calls run: in a turn of the loop, or, with no open loop, on a thread
+        of the delivery's own; unless one of them, or a serving thread, will already. (A turn
+        asked for before the loop closed never comes.)"""
         with self._lock:
-            self._scheduled = False
-            if self._helper or self._servers or not self._calls:
+            loop = self.loop
+            open_ = _open(loop)
+            if self._servers or self._helper or not self._calls or (self._scheduled and open_):
                 return
-            self._helper = True
+            self._scheduled, self._helper = open_, not open_
+        if loop is not None and open_:
+            try:
+                loop.call_soon_threadsafe(self.run_calls)
+            except RuntimeError:  # it closed in between: the helper's
+                with self._lock:
+                    self._scheduled = False
+                self._hand_on()
+            return
         threading.Thread(target=self._help, name="corral-delivery", daemon=True).start()
 
     def _next(self, *, helper: bool = False) -> _Call | None:
@@ -128,12 +124,8 @@ class Delivery:
                     _run(call)
             except BaseException:  # Ctrl-C in a call: the rest runs in the loop's next turn
                 with self._lock:
-                    if not self._calls or self._servers:
-                        self._scheduled = False
-                        raise
-                loop = self.loop
-                if loop is not None:
-                    self._schedule(loop)
+                    self._scheduled = False
+                self._hand_on()
                 raise
 
     def _help(self) -> None:
@@ -159,17 +151,7 @@ class Delivery:
         finally:
             with self._lock:
                 self._servers -= 1
-                leftover = bool(self._calls) and not self._servers
-                loop = self.loop
-                if not leftover or self._scheduled or self._helper:
-                    leftover = False
-                elif loop is not None and not loop.is_closed():
-                    self._scheduled = True
-            if leftover:
-                if loop is None or loop.is_closed():
-                    self._start_helper()
-                else:
-                    self._schedule(loop)
+            self._hand_on()  # what was handed over as it stopped
 
     def _take(self) -> _Call | None:
         try:
@@ -189,7 +171,9 @@ class Delivery:
         if loop is None or self._servers or loop.is_running():
             return  # the loop, a serving thread or the helper runs them
         if loop.is_closed():  # a turn of it was asked for, and never comes: the helper's
-            self._start_helper()
+            with self._lock:
+                self._scheduled = False
+            self._hand_on()
             return
         if not self._running.acquire(blocking=False):
             return  # another thread runs them
@@ -206,6 +190,10 @@ class Delivery:
         except RuntimeError:
             return False
         return running is self.loop
+
+
+def _open(loop: asyncio.AbstractEventLoop | None) -> bool:
+    return loop is not None and not loop.is_closed()
 
 
 def _run(call: _Call) -> None:
