@@ -134,10 +134,9 @@ class Drain:
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
                 loop.call_soon_threadsafe(done.set)
 
-        with self._cond:
-            if self.finished.is_set():
-                return
-            self._wakers.append(wake)
+        if self.finished.is_set():
+            return
+        self.when_finished(wake)
         await done.wait()
 
     def _run(
