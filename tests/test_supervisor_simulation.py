@@ -435,8 +435,8 @@ class Simulation:
         pid = next(self.pids)
         sim_worker = SimWorker(self, pid, how)
         worker = self.core.launched(token, pid)
-        if worker is None:
-            assert token in self.abandoned or self.closing, f"launch {token} was not wanted"
+        if worker is None:  # one that ends while the pool closes is still the pool's to kill
+            assert token in self.abandoned, f"launch {token} was not wanted"
             return  # the shell kills what nobody wants
         worker.io = SimChannel(sim_worker)
         self.sim_workers[pid] = sim_worker
@@ -573,7 +573,9 @@ class Simulation:
             self.note_cancelled_by_callers()
             self.check()
             for _ in range(20_000):
-                if self.core.finished and not self.sim_workers:
+                if self.core.finished:
+                    # Only once every process it was given is gone (abandoned starts aside).
+                    assert not self.sim_workers, f"finished before {sorted(self.sim_workers)}"
                     break
                 self.step()
                 if self.rng.random() < 0.05:

@@ -19,7 +19,8 @@ import jobs
 from conftest import PoolFactory, busy_pids, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError, WorkerStartError
 from corral._pool import _launch
-from corral._pool._actions import Abandon, Action, Launch
+from corral._pool._actions import Abandon, Action, Launch, Signal
+from corral._pool._core import Core
 from corral._pool._settings import PoolSettings
 from corral._pool._starts import LAUNCH_DEADLINE, Starts
 from corral._pool._state import Counters
@@ -194,6 +195,71 @@ def test_a_worker_whose_keeper_is_killed_is_reported_as_such_not_as_its_job(
     assert caught.value.exitcode is None
     wait_until(lambda: pool.wait_ready(0), timeout=30, what="a replacement worker")
     assert pool.submit(jobs.add, 1, 2).result(20) == 3
+
+
+def test_a_worker_whose_start_was_under_way_at_shutdown_is_gone_when_shutdown_returns(
+    make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shutdown(wait=True)`` returns once every worker has exited: one whose start was under
+    way when the pool began to close too (it is killed when the start gives it, and reaped)."""
+    pool = make_pool(workers=1, kill_grace=0.1)
+    started: list[int] = []
+    original: Callable[[Any], Any] = _launch.launch
+
+    def launch(process: Any) -> Any:
+        launched = original(process)
+        started.append(launched.pid)
+        return launched
+
+    monkeypatch.setattr(_launch, "launch", launch)
+    [victim] = worker_pids(pool)
+    server = fork_server(pool)
+    server.suspend()  # the replacement's start waits on it
+    try:
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in worker_pids(pool), what="the death to be seen")
+        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+        closing.start()
+        supervisor = pool._supervisor
+        assert supervisor is not None
+        wait_until(lambda: supervisor.core.fleet.closing, what="the pool to begin closing")
+    finally:
+        server.resume()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert len(started) == 1, "shutdown returned before its last worker's start had ended"
+    [replacement] = started
+    assert not psutil.pid_exists(replacement)  # its keeper reaped it before reporting its exit
+
+
+def test_a_start_under_way_when_the_pool_closes_is_killed_and_reaped_before_it_finishes() -> None:
+    """The same, in the core alone: closing abandons no start; the worker a start gives then is
+    killed at once, and the core has finished only once its exit is seen."""
+    now = [0.0]
+    core = Core(PoolSettings(workers=1), "close", lambda: now[0])
+    core.fleet.top_up()
+    [launch] = [a for a in core.actions if isinstance(a, Launch)]
+    core.actions.clear()
+    core.close(True, None)
+    assert not any(isinstance(a, Abandon) for a in core.actions)
+    assert not core.finished
+    worker = core.launched(launch.token, 4242)
+    assert worker is not None
+    assert [(a.pid, a.signal) for a in core.actions if isinstance(a, Signal)] == [
+        (4242, signal.SIGKILL)
+    ]
+    assert not core.finished
+    core.exiting(worker)
+    core.exited(worker, -signal.SIGKILL)
+    assert core.finished
+    # A start that sticks is still abandoned at its deadline, so closing ends anyway.
+    stuck = Core(PoolSettings(workers=1, start_timeout=5), "stuck", lambda: now[0])
+    stuck.fleet.top_up()
+    stuck.close(True, None)
+    assert not stuck.finished
+    now[0] = 5.1
+    stuck.fire()
+    assert stuck.finished
 
 
 class StartsOnAClock:

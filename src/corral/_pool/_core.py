@@ -185,8 +185,7 @@ class Core(Jobs):
             if not wait:
                 self.cancel_running(graceful=False)
             return
-        fleet.closing = True
-        self.starts.abandon()
+        fleet.closing = True  # starts under way go on (or time out): their workers are killed
         while self.queue:
             job = self.queue.popitem(last=False)[1]
             error = JobCancelledError(

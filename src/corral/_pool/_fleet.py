@@ -103,6 +103,9 @@ class Fleet:
             return None
         worker = Worker(pid)
         self.workers[pid] = worker
+        if self.closing:  # started while the pool closes: it goes at once, and is reaped first
+            self.kill(worker, None, graceful=False)
+            return worker
         self.timers.arm(began + self.settings.start_timeout, lambda: self._not_ready(worker))
         return worker
 

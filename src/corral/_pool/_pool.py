@@ -146,7 +146,7 @@ class Pool:
         if supervisor is None:
             return
         supervisor.close(True, timeout)
-        await anyio.to_thread.run_sync(supervisor.finished.wait)
+        await anyio.to_thread.run_sync(supervisor.join, None)
 
     # -- jobs ---------------------------------------------------------------------------------
 

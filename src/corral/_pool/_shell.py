@@ -43,7 +43,7 @@ from corral._pool._channel import Channel
 from corral._pool._core import Core
 from corral._pool._outlet import Outlet
 from corral._pool._settings import PoolSettings
-from corral._pool._starter import Starter, discard_later, kill_group
+from corral._pool._starter import Starter, kill_group
 from corral._pool._state import Job
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class Shell:
         channel = Channel(process, sock, self._frame_limit)
         worker = self.core.launched(token, channel.pid)
         if worker is None:
-            discard_later(process, sock)  # abandoned meanwhile, or the pool is closing
+            self._starter.discard_later(process, sock)  # abandoned meanwhile: it took too long
             return
         worker.io = channel
         channel.worker = worker

@@ -25,6 +25,7 @@ from corral._pool._worker import worker_main
 
 Started = Callable[[int, BaseProcess, socket.socket], None]
 Failed = Callable[[int, str], None]
+Discard = Callable[[BaseProcess, socket.socket], None]
 
 
 class Starter:
@@ -42,6 +43,8 @@ class Starter:
         self.options = options
         self.name = name
         self.hand_over = hand_over
+        self._discarding = 0  # processes being killed and reaped (``discard_later``)
+        self._discarded = threading.Condition()
 
     def start(self, token: int, started: Started, failed: Failed) -> None:
         threading.Thread(
@@ -71,7 +74,36 @@ class Starter:
         finally:
             child_conn.close()
         if not self.hand_over(lambda: started(token, process, parent_sock)):
-            discard(process, parent_sock)
+            self._counted(discard)(process, parent_sock)
+
+    def discard_later(self, process: BaseProcess, sock: socket.socket) -> None:
+        """``discard`` on a thread of its own; ``wait_discarded`` waits for it."""
+        threading.Thread(
+            target=self._counted(discard),
+            args=(process, sock),
+            name=f"{self.name}-discard-{process.pid}",
+            daemon=True,
+        ).start()
+
+    def wait_discarded(self, timeout: float | None) -> bool:
+        """Wait until every process being discarded is reaped; ``False``: ``timeout`` passed."""
+        with self._discarded:
+            return self._discarded.wait_for(lambda: not self._discarding, timeout)
+
+    def _counted(self, fn: Callable[[BaseProcess, socket.socket], None]) -> Discard:
+        """``fn``, counted in ``_discarding`` from now until it returns."""
+        with self._discarded:
+            self._discarding += 1
+
+        def counted(process: BaseProcess, sock: socket.socket) -> None:
+            try:
+                fn(process, sock)
+            finally:
+                with self._discarded:
+                    self._discarding -= 1
+                    self._discarded.notify_all()
+
+        return counted
 
 
 def discard(process: BaseProcess, sock: socket.socket) -> None:
@@ -82,11 +114,6 @@ def discard(process: BaseProcess, sock: socket.socket) -> None:
     process.join(30)
     if process.exitcode is not None:
         process.close()
-
-
-def discard_later(process: BaseProcess, sock: socket.socket) -> None:
-    """``discard`` on a thread of its own."""
-    threading.Thread(target=discard, args=(process, sock), daemon=True).start()
 
 
 def kill_group(pgid: int, sig: int) -> None:

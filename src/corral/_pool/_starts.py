@@ -119,7 +119,7 @@ class Starts:
         self.top_up()
 
     def abandon(self, restart: bool = False) -> None:
-        """Forget every launch under way (at shutdown, or because they are stuck)."""
+        """Forget every launch under way (they are stuck, or the supervisor failed)."""
         if self.launches:
             for _, timer in self.launches.values():
                 self.timers.cancel(timer)

@@ -241,10 +241,16 @@ class Supervisor(Shell):
         self.request(lambda: self.core.close(wait, deadline))
 
     def join(self, timeout: float | None) -> bool:
-        """Wait for the supervisor thread to end (if this thread may)."""
-        if self._thread.is_alive() and self.may_wait_here():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait for the supervisor thread to end, and for the processes started while the pool
+        closed to be reaped (if this thread may wait)."""
+        if not self.may_wait_here():
+            return not self._thread.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._starter.wait_discarded(left)
 
     def may_wait_here(self) -> bool:
         """Whether this thread may wait for jobs to end: not one the supervisor would wait for
