@@ -252,7 +252,7 @@ def test_a_start_under_way_when_the_pool_closes_is_killed_and_reaped_before_it_f
     core.exiting(worker)
     core.exited(worker, -signal.SIGKILL)
     assert core.finished
-    # A start that sticks is still abandoned at its deadline, so closing ends anyway.
+    # A start that sticks is still abandoned at its deadline, so closing ends anyway...
     stuck = Core(PoolSettings(workers=1, start_timeout=5), "stuck", lambda: now[0])
     stuck.fleet.top_up()
     stuck.close(True, None)
@@ -260,6 +260,17 @@ def test_a_start_under_way_when_the_pool_closes_is_killed_and_reaped_before_it_f
     now[0] = 5.1
     stuck.fire()
     assert stuck.finished
+    # ...or when the shutdown's own timeout passes first.
+    now[0] = 0.0
+    bounded = Core(PoolSettings(workers=1, start_timeout=60), "bounded", lambda: now[0])
+    bounded.fleet.top_up()
+    bounded.close(True, 2.0)
+    now[0] = 1.9
+    bounded.fire()
+    assert not bounded.finished
+    now[0] = 2.0
+    bounded.fire()
+    assert bounded.finished
 
 
 class StartsOnAClock:

@@ -205,7 +205,13 @@ class Core(Jobs):
         if not wait:
             self.cancel_running(graceful=False)
         elif deadline is not None:
-            self.timers.arm(deadline, lambda: self.cancel_running(graceful=True))
+            self.timers.arm(deadline, self._past_deadline)
+
+    def _past_deadline(self) -> None:
+        """A shutdown's ``timeout`` has passed: running jobs are stopped, and the starts still
+        under way abandoned (their processes are killed when they come)."""
+        self.cancel_running(graceful=True)
+        self.starts.abandon()
 
     def cancel_running(self, *, graceful: bool) -> None:
         for worker in list(self.workers.values()):

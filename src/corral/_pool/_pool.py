@@ -97,11 +97,13 @@ class Pool:
         Jobs still waiting for a worker end with :class:`JobCancelledError` at once.
 
         Args:
-            wait: ``True`` lets running jobs finish, then returns once every worker has exited.
+            wait: ``True`` lets running jobs finish, then returns once every worker has exited
+                (one still starting is killed as soon as its process is there).
                 ``False`` kills running jobs (they end with :class:`JobCancelledError`) and
                 returns at once; the workers are reaped in the background within milliseconds.
             timeout: With ``wait=True``, the seconds running jobs may still take; past it they are
-                stopped (SIGTERM, ``kill_grace``, SIGKILL) and end with ``JobCancelledError``.
+                stopped (SIGTERM, ``kill_grace``, SIGKILL) and end with ``JobCancelledError``,
+                and a worker start still under way is no longer waited for.
         """
         supervisor = self._supervisor
         if supervisor is None:

@@ -119,7 +119,8 @@ class Starts:
         self.top_up()
 
     def abandon(self, restart: bool = False) -> None:
-        """Forget every launch under way (they are stuck, or the supervisor failed)."""
+        """Forget every launch under way (they are stuck, a shutdown's timeout has passed, or
+        the supervisor failed)."""
         if self.launches:
             for _, timer in self.launches.values():
                 self.timers.cancel(timer)
