@@ -38,6 +38,13 @@ async def async_add(a: int, b: int) -> int:
     return a + b
 
 
+async def leave_a_thread_behind(seconds: float) -> int:
+    """Return at once, leaving a thread of the event loop's default executor asleep: a worker
+    asked to exit waits for it."""
+    asyncio.get_running_loop().run_in_executor(None, time.sleep, seconds)
+    return os.getpid()
+
+
 def returns_coroutine(a: int) -> Any:
     return async_add(a, 1)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import jobs
 from conftest import PoolFactory, assert_gone, busy_pids, wait_until, worker_pids
 from corral import (
     CorralError,
+    JobCancelledError,
     JobExitError,
     JobTimeoutError,
     MemoryLimitError,
@@ -32,6 +34,7 @@ from corral import (
     WorkerDiedError,
     WorkerStartError,
 )
+from test_pool_batches import hold_the_only_worker
 
 HOWS = ["exception", "sys.exit", "os._exit", "SIGKILL", "segfault", "hang"]
 DIED = {
@@ -226,6 +229,42 @@ def test_shutdown_drains_then_kills_at_the_deadline(make_pool: PoolFactory) -> N
         stuck.result(0)
     assert caught.value.started is True  # type: ignore[attr-defined]
     assert_gone(pids)
+
+
+def test_a_shutdown_timeout_also_stops_an_idle_worker_slow_to_exit(make_pool: PoolFactory) -> None:
+    """An idle worker asked to exit at shutdown may take up to 5 s before it is killed; a
+    shutdown ``timeout`` shorter than that bounds it too (SIGTERM, ``kill_grace``, SIGKILL)."""
+    pool = make_pool(workers=1, kill_grace=0.1)
+    worker = pool.submit(jobs.leave_a_thread_behind, 60).result(20)  # it now exits slowly
+    began = time.monotonic()
+    pool.shutdown(wait=True, timeout=0.3)
+    assert time.monotonic() - began < 4  # not the 5 s an idle worker gets otherwise
+    assert_gone([worker])
+
+
+def test_a_second_shutdown_with_a_timeout_bounds_the_first_ones_wait(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """While ``shutdown(wait=True)`` waits for a running job, a ``shutdown(wait=True,
+    timeout=t)`` stops the job at ``t``: both return."""
+    pool = make_pool(workers=1, kill_grace=0.1)
+    gate, holder = hold_the_only_worker(pool, tmp_path)
+    first = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+    second = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "timeout": 0.3})
+    try:
+        first.start()
+        supervisor = pool._supervisor
+        assert supervisor is not None
+        wait_until(lambda: supervisor.core.fleet.closing, what="the first shutdown to begin")
+        second.start()
+        second.join(20)
+        first.join(20)
+        assert not second.is_alive() and not first.is_alive()
+        with pytest.raises(JobCancelledError, match="still running at shutdown"):
+            holder.result(0)
+    finally:
+        if first.is_alive():
+            gate.release()
 
 
 PARENT_SCRIPT = textwrap.dedent(

@@ -19,7 +19,7 @@ import jobs
 from conftest import PoolFactory, busy_pids, wait_until, worker_pids
 from corral import JobTimeoutError, Pool, WorkerDiedError, WorkerStartError
 from corral._pool import _launch
-from corral._pool._actions import Abandon, Action, Launch, Signal
+from corral._pool._actions import Abandon, Action, Launch, Log, Signal
 from corral._pool._core import Core
 from corral._pool._settings import PoolSettings
 from corral._pool._starts import LAUNCH_DEADLINE, Starts
@@ -260,17 +260,29 @@ def test_a_start_under_way_when_the_pool_closes_is_killed_and_reaped_before_it_f
     now[0] = 5.1
     stuck.fire()
     assert stuck.finished
-    # ...or when the shutdown's own timeout passes first.
+    # ...or kill_grace after the shutdown's own timeout, if that passes first.
     now[0] = 0.0
-    bounded = Core(PoolSettings(workers=1, start_timeout=60), "bounded", lambda: now[0])
+    settings = PoolSettings(workers=1, start_timeout=60, kill_grace=0.5)
+    bounded = Core(settings, "bounded", lambda: now[0])
     bounded.fleet.top_up()
     bounded.close(True, 2.0)
-    now[0] = 1.9
-    bounded.fire()
-    assert not bounded.finished
-    now[0] = 2.0
+    for moment in (1.9, 2.0, 2.4):
+        now[0] = moment
+        bounded.fire()
+        assert not bounded.finished
+    now[0] = 2.5
     bounded.fire()
     assert bounded.finished
+    # A start that fails while the pool closes is not a failure to report: no start follows.
+    failing = Core(PoolSettings(workers=1), "failing", lambda: now[0])
+    failing.fleet.top_up()
+    [launch] = [a for a in failing.actions if isinstance(a, Launch)]
+    failing.actions.clear()
+    failing.close(True, None)
+    failing.launch_failed(launch.token, "OSError: the fork server has gone")
+    assert failing.finished
+    assert not any(isinstance(a, Log | Launch) for a in failing.actions)
+    assert failing.counters.start_failures == 0
 
 
 class StartsOnAClock:

@@ -181,9 +181,11 @@ class Core(Jobs):
         """Stop: queued jobs are cancelled, jobs waiting in workers taken back and cancelled,
         idle workers stopped. Running jobs finish (``wait``, up to ``deadline``) or are killed."""
         fleet = self.fleet
-        if fleet.closing:
+        if fleet.closing:  # closed again: a shorter wait counts too
             if not wait:
                 self.cancel_running(graceful=False)
+            elif deadline is not None:
+                self.timers.arm(deadline, self._past_deadline)
             return
         fleet.closing = True  # starts under way go on (or time out): their workers are killed
         while self.queue:
@@ -208,10 +210,18 @@ class Core(Jobs):
             self.timers.arm(deadline, self._past_deadline)
 
     def _past_deadline(self) -> None:
-        """A shutdown's ``timeout`` has passed: running jobs are stopped, and the starts still
-        under way abandoned (their processes are killed when they come)."""
+        """A shutdown's ``timeout`` has passed: running jobs are stopped, and so are idle
+        workers slow to exit (SIGTERM, ``kill_grace``, SIGKILL). Starts still under way get
+        ``kill_grace`` too; then they are abandoned (their processes killed when they come)."""
         self.cancel_running(graceful=True)
-        self.starts.abandon()
+        for worker in list(self.workers.values()):
+            if worker.state == "stopping":
+                self.fleet.kill(worker, None, graceful=True)
+        grace = self.settings.kill_grace
+        if grace > 0 and self.starts.launches:
+            self.timers.arm(self.clock() + grace, self.starts.abandon)
+        else:
+            self.starts.abandon()
 
     def cancel_running(self, *, graceful: bool) -> None:
         for worker in list(self.workers.values()):

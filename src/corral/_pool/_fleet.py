@@ -110,7 +110,8 @@ class Fleet:
         return worker
 
     def launch_failed(self, token: int, cause: str) -> None:
-        if self.starts.launch_failed(token, cause):
+        # (While the pool closes no start follows: the failure is not counted, nor logged.)
+        if self.starts.launch_failed(token, cause, count=not self.closing):
             self.top_up()
 
     def _not_ready(self, worker: Worker) -> None:

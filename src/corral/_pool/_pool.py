@@ -103,7 +103,9 @@ class Pool:
                 returns at once; the workers are reaped in the background within milliseconds.
             timeout: With ``wait=True``, the seconds running jobs may still take; past it they are
                 stopped (SIGTERM, ``kill_grace``, SIGKILL) and end with ``JobCancelledError``,
-                and a worker start still under way is no longer waited for.
+                and so are idle workers slow to exit; a worker start still under way is waited
+                for ``kill_grace`` more at most. So ``shutdown`` returns within about
+                ``timeout + kill_grace``. A later call's shorter ``timeout`` counts too.
         """
         supervisor = self._supervisor
         if supervisor is None:

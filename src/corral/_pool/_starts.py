@@ -98,15 +98,17 @@ class Starts:
             self.counters.restarts += 1
         return launch[0]
 
-    def launch_failed(self, token: int, cause: str) -> bool:
-        """Start ``token`` failed: whether that counts (not if it was abandoned already)."""
+    def launch_failed(self, token: int, cause: str, *, count: bool = True) -> bool:
+        """Start ``token`` failed: whether that counts (not if it was abandoned already, nor
+        when ``count`` is false)."""
         launch = self.launches.pop(token, None)
         if launch is None:
             return False
         self.timers.cancel(launch[1])
         self.server_proven = False  # it may have gone: the next launch may start a fresh one
-        self.failed(cause)
-        return True
+        if count:
+            self.failed(cause)
+        return count
 
     def _timed_out(self, token: int, limit: float) -> None:
         if token not in self.launches:
