@@ -153,6 +153,32 @@ def test_a_stuck_process_that_starts_workers_stalls_neither_supervision_nor_call
             server.resume()
 
 
+def test_a_new_pool_on_a_stuck_shared_fork_server_restarts_it_after_the_short_deadline(
+    make_pool: PoolFactory,
+) -> None:
+    """A fork server another pool has started workers with has done its imports: a new pool's
+    first start that sticks on it is abandoned after ``LAUNCH_DEADLINE``, not its own
+    ``start_timeout`` (meant for a fresh server's imports), and the server is restarted."""
+    first = make_pool(workers=1)
+    server = fork_server(first)
+    server.suspend()
+    try:
+        began = time.monotonic()
+        second = Pool(workers=1, start_timeout=60, start_method=first.settings.start_method)
+        second.start()
+        try:
+            assert second.wait_ready(LAUNCH_DEADLINE + 30), "the stuck server was not replaced"
+            assert time.monotonic() - began < 60  # within start_timeout: the short deadline
+            assert gone(server)
+            assert second.statistics().start_failures == 1
+        finally:
+            second.shutdown(wait=True, timeout=5)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            server.resume()
+    assert first.submit(jobs.add, 1, 2).result(30) == 3
+
+
 def test_killing_the_process_that_starts_workers_kills_no_worker(
     make_pool: PoolFactory, tmp_path: Path
 ) -> None:

@@ -114,6 +114,13 @@ class Context:
         process.server_key = self.key
         return process
 
+    def server_proven(self) -> bool:
+        """Whether the fork server this context starts workers with runs, and has started one
+        (for any pool): a start from it is a fork, not a fresh server's imports."""
+        with _servers_lock:
+            server = _servers.get(self.key)
+        return server is not None and server.proven and server.sock is not None
+
 
 def context(start_method: str, preload: tuple[str, ...] = ()) -> Context:
     return Context(start_method, preload)
@@ -186,8 +193,9 @@ class Launched:
         )
         payload = pickle.dumps((executes, _preparation(process.name, executes), call))
         status_r, status_w = os.pipe()
+        server = _server(key)
         try:
-            _server(key).request(payload, [status_w, *fds])
+            server.request(payload, [status_w, *fds])
         except BaseException:
             os.close(status_r)
             raise
@@ -200,6 +208,7 @@ class Launched:
             os.close(status_r)
             self.sentinel = -1
             raise
+        server.proven = True
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         return self.wait(0 if flag == os.WNOHANG else None)
@@ -290,6 +299,7 @@ class _Server:
         self.sock: socket.socket | None = None
         self.alive_w = -1
         self.process: subprocess.Popen[bytes] | None = None
+        self.proven = False  # the running server has started a worker (its imports are done)
 
     def request(self, payload: bytes, fds: list[int]) -> None:
         """Ask for a worker; the descriptors go with the request."""
@@ -309,6 +319,7 @@ class _Server:
                         raise
 
     def _start(self, modules: tuple[str, ...]) -> None:
+        self.proven = False
         ours, theirs = socket.socketpair()
         alive_r, self.alive_w = os.pipe()
         code = (

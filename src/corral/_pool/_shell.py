@@ -65,6 +65,9 @@ class Shell:
         # Re-entrant: a signal handler run on the main thread while it submits may call the pool.
         self.lock = threading.RLock()
         self.core = Core(settings, name, idle_lock=self.lock)  # submitters take idle workers
+        # A fork server shared with pools that have started workers is no fresh one: a start
+        # stuck on it is abandoned as soon as for those pools.
+        self.core.starts.server_proven = context.server_proven()
         self.counters = self.core.counters
         self.state_lock = threading.Lock()
         self._owner: int | None = None  # the thread that holds state_lock

@@ -56,7 +56,7 @@ class Starts:
         self._tokens = itertools.count(1)
         self.first_left = settings.workers  # starts that are no restart
         self.failures_in_row = 0
-        self.server_proven = False  # the process that starts workers has started one for us
+        self.server_proven = False  # the process that starts workers has started one (any pool's)
         self.next_start_at = 0.0
         self._retry: Timer[Callable[[], None]] | None = None
         self.error: WorkerStartError | None = None
