@@ -196,6 +196,7 @@ class Launched:
         server = _server(key)
         try:
             server.request(payload, [status_w, *fds])
+            asked = server.process  # (a restart meanwhile makes another one the server)
         except BaseException:
             os.close(status_r)
             raise
@@ -208,7 +209,8 @@ class Launched:
             os.close(status_r)
             self.sentinel = -1
             raise
-        server.proven = True
+        if server.process is asked:
+            server.proven = True
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         return self.wait(0 if flag == os.WNOHANG else None)

@@ -241,8 +241,8 @@ class Supervisor(Shell):
         self.request(lambda: self.core.close(wait, deadline))
 
     def join(self, timeout: float | None) -> bool:
-        """Wait for the supervisor thread to end, and for the processes started while the pool
-        closed to be reaped (if this thread may wait)."""
+        """Wait for the supervisor thread to end, and for the processes of abandoned starts
+        that are being killed to be reaped (if this thread may wait)."""
         if not self.may_wait_here():
             return not self._thread.is_alive()
         deadline = None if timeout is None else time.monotonic() + timeout
