@@ -100,14 +100,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 def assert_gone(pids: list[int], timeout: float = 5.0) -> None:
     """Every process in ``pids`` has exited and been reaped within ``timeout``."""
+    left = still_alive(pids, timeout)
+    assert not left, f"processes still alive: {left}"
+
+
+def still_alive(pids: list[int], timeout: float = 5.0) -> list[tuple[int, str]]:
+    """The processes of ``pids`` (pid, status) still there after waiting up to ``timeout`` for
+    them to exit and be reaped."""
     procs = []
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     # wait_procs reaps only our own children; a zombie of another parent still counts as left over
-    left = [p for p in alive if p.is_running()]
-    assert not left, f"processes still alive: {[(p.pid, p.status()) for p in left]}"
+    left: list[tuple[int, str]] = []
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running():
+                left.append((process.pid, process.status()))
+    return left
 
 
 def busy_pids(pool: Pool) -> list[int]:
