@@ -217,11 +217,7 @@ class Core(Jobs):
         for worker in list(self.workers.values()):
             if worker.state == "stopping":
                 self.fleet.kill(worker, None, graceful=True)
-        grace = self.settings.kill_grace
-        if grace > 0 and self.starts.launches:
-            self.timers.arm(self.clock() + grace, self.starts.abandon)
-        else:
-            self.starts.abandon()
+        self.timers.arm(self.clock() + self.settings.kill_grace, self.starts.abandon)
 
     def cancel_running(self, *, graceful: bool) -> None:
         for worker in list(self.workers.values()):

@@ -25,7 +25,6 @@ from corral._pool._worker import worker_main
 
 Started = Callable[[int, BaseProcess, socket.socket], None]
 Failed = Callable[[int, str], None]
-Discard = Callable[[BaseProcess, socket.socket], None]
 
 
 class Starter:
@@ -74,12 +73,14 @@ class Starter:
         finally:
             child_conn.close()
         if not self.hand_over(lambda: started(token, process, parent_sock)):
-            self._counted(discard)(process, parent_sock)
+            self._discarding_one(+1)
+            self._discard(process, parent_sock)
 
     def discard_later(self, process: BaseProcess, sock: socket.socket) -> None:
         """``discard`` on a thread of its own; ``wait_discarded`` waits for it."""
+        self._discarding_one(+1)
         threading.Thread(
-            target=self._counted(discard),
+            target=self._discard,
             args=(process, sock),
             name=f"{self.name}-discard-{process.pid}",
             daemon=True,
@@ -90,20 +91,17 @@ class Starter:
         with self._discarded:
             return self._discarded.wait_for(lambda: not self._discarding, timeout)
 
-    def _counted(self, fn: Callable[[BaseProcess, socket.socket], None]) -> Discard:
-        """``fn``, counted in ``_discarding`` from now until it returns."""
+    def _discard(self, process: BaseProcess, sock: socket.socket) -> None:
+        try:
+            discard(process, sock)
+        finally:
+            self._discarding_one(-1)
+
+    def _discarding_one(self, change: int) -> None:
         with self._discarded:
-            self._discarding += 1
-
-        def counted(process: BaseProcess, sock: socket.socket) -> None:
-            try:
-                fn(process, sock)
-            finally:
-                with self._discarded:
-                    self._discarding -= 1
-                    self._discarded.notify_all()
-
-        return counted
+            self._discarding += change
+            if not self._discarding:
+                self._discarded.notify_all()
 
 
 def discard(process: BaseProcess, sock: socket.socket) -> None:
