@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -115,6 +117,23 @@ def safe_url(url: str) -> str:
         return url
 
 
+def _to_wal(cursor: Any) -> None:
+    """Put the database in WAL mode. SQLite answers "database is locked" at once, without
+    waiting ``busy_timeout``, while another process switches a new file's mode: try again for
+    as long as that timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)  # (not the event loop: engines are used on the ledger's thread)
+        pause = min(pause * 2, 0.1)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``: SQLite in WAL mode with writes serialised by ``BEGIN IMMEDIATE``;
     PostgreSQL through psycopg 3 with a connect timeout and pre-ping (it reconnects by itself)."""
@@ -132,7 +151,7 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             try:
                 cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _to_wal(cursor)
                 cursor.execute("PRAGMA synchronous=NORMAL")
             finally:
                 cursor.close()
