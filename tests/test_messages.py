@@ -28,10 +28,11 @@ def test_a_partial_frame_waits_in_the_inbox() -> None:
 
 def test_a_job_frame_is_its_head_and_body_framed() -> None:
     """A job's frame is built in one step; it reads back as the head and body it was made of,
-    with a start-by deadline or without (NaN)."""
+    with a start-by deadline or without (NaN), and a lease's term or none (-1)."""
     body = b"pickled call" * 50
-    for job_id, start_by in ((1, None), (2**40, 12.5)):
-        (found,) = msg.frames(bytearray(), msg.job_frame(job_id, start_by, body))
-        tag, read_id, read_start_by = msg.JOB_HEAD.unpack_from(found)
-        assert (tag, read_id, found[msg.JOB_HEAD.size :]) == (msg.JOB, job_id, body)
+    for job_id, start_by, term in ((1, None, -1), (2**40, 12.5, 7)):
+        (found,) = msg.frames(bytearray(), msg.job_frame(job_id, start_by, body, term))
+        tag, read_id, read_start_by, read_term = msg.JOB_HEAD.unpack_from(found)
+        assert (tag, read_id, read_term) == (msg.JOB, job_id, term)
+        assert found[msg.JOB_HEAD.size :] == body
         assert read_start_by == start_by if start_by is not None else read_start_by != read_start_by

@@ -296,3 +296,32 @@ def test_submitters_and_the_supervisor_take_idle_workers_under_one_lock(
     assert [future.result(20) for future in queued] == [1 + i for i in range(200)]
     assert results == [[offset + i for i in range(200)] for offset in (0, 1000)]
     assert watch.unlocked == []
+
+
+def test_a_job_under_a_lease_starts_only_if_the_lease_holds_when_its_turn_comes(
+    make_pool: PoolFactory, tmp_path: Path
+) -> None:
+    """The worker reads the pool's lease right before it starts a job submitted under one,
+    however long the job waited behind another: one whose term no longer holds by then is not
+    run and ends cancelled, never started; jobs under the current term, or under none, run."""
+    pool = make_pool(workers=1)
+    pool.hold_lease(1, time.monotonic() + 3600)
+    gate, holder = hold_the_only_worker(pool, tmp_path)
+    marks = [tmp_path / f"ran-{index}" for index in range(4)]
+    old = pool.submit(jobs.create, str(marks[0]), lease=1)
+    wait_until(lambda: waiting(pool) == 1, what="the job sent behind the long one")
+    pool.hold_lease(2, time.monotonic() + 3600)  # a new term: term 1's jobs may not start
+    current = pool.submit(jobs.create, str(marks[1]), lease=2)
+    free = pool.submit(jobs.create, str(marks[2]))
+    gate.release()
+    holder.result(30)
+    with pytest.raises(JobCancelledError, match=r"not started: the lease .* \(term 1\)") as error:
+        old.result(30)
+    assert error.value.started is False
+    assert not marks[0].exists()
+    assert current.result(30) == free.result(30)  # the same worker ran both
+    pool.hold_lease(2, time.monotonic() - 1)  # term 2 expired (not renewed in time)
+    with pytest.raises(JobCancelledError):
+        pool.submit(jobs.create, str(marks[3]), lease=2).result(30)
+    assert not marks[3].exists()
+    assert pool.statistics().cancelled == 2

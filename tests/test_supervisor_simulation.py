@@ -6,7 +6,8 @@ that waited starts, the watch thread answering recalls unless the job holds the 
 travel both ways through bounded buffers, read in random pieces (partial frames). Each step is
 one event, drawn from a seeded ``random.Random``: a submit, a worker reading, starting, finishing,
 crashing, hanging, sending garbage, a read by the parent, an exit, a start that finishes, fails
-or sticks, time passing to the next timer, a cancel, a memory reading, shutdown. After every step
+or sticks, time passing to the next timer, a cancel, a memory reading, the pool's lease renewed or
+replaced by a new term (``_gate``), shutdown. After every step
 the invariants are checked:
 
 - each job is in one place (queued, a head, waiting behind one) or over, never two;
@@ -15,6 +16,9 @@ the invariants are checked:
 - no worker idles while a job is queued, and a job waiting behind a busy worker while another
   idles has been recalled;
 - no job runs twice (a job taken back without its worker's answer is never run by it);
+- a job submitted under a lease starts only while the lease holds for its term; one whose
+  worker found it lapsed ends cancelled (or crashed, if its worker dies before its reply is
+  read);
 - the counters agree with what happened.
 
 A failing run names its seed; ``pytest tests/test_supervisor_simulation.py --simulation-steps N``
@@ -53,6 +57,7 @@ from corral._pool._actions import (
     Write,
 )
 from corral._pool._core import Core
+from corral._pool._gate import NO_LEASE
 from corral._pool._link import Link
 from corral._pool._state import Job, Worker
 
@@ -111,6 +116,7 @@ class JobInfo:
     outcomes: list[str] = field(default_factory=list)
     runs: int = 0  # times a simulated worker started it
     finished_by_worker: bool = False
+    lapsed: bool = False  # its worker found its lease no longer held
 
 
 class SimWorker:
@@ -122,7 +128,7 @@ class SimWorker:
         self.rx = bytearray()  # what the parent wrote, not read yet (its socket's buffer)
         self.tx = bytearray()  # what it wrote, not read by the parent yet
         self.received = bytearray()  # read, not yet a whole frame
-        self.jobs: deque[tuple[int, float, str]] = deque()  # received, not started
+        self.jobs: deque[tuple[int, float, int, str]] = deque()  # received, not started
         self.fresh = False  # the jobs it holds came with its last read, made while idle
         self.running: tuple[int, str] | None = None
         self.start = start  # "ok", "init-fails", "never-ready"
@@ -147,10 +153,10 @@ class SimWorker:
         for frame in msg.frames(self.received, data):
             tag = frame[:1]
             if tag == msg.JOB:
-                _, job_id, start_by = msg.JOB_HEAD.unpack_from(frame)
+                _, job_id, start_by, term = msg.JOB_HEAD.unpack_from(frame)
                 reference, args, _ = pickle.loads(frame[msg.JOB_HEAD.size :])
                 assert reference == "sim:job"
-                self.jobs.append((job_id, start_by, args[0]))
+                self.jobs.append((job_id, start_by, term, args[0]))
                 self.sim.trace.append(f"worker {self.pid} receives job {job_id}")
             elif tag == msg.RECALL:
                 wanted = set(pickle.loads(frame[1:]))
@@ -186,10 +192,15 @@ class SimWorker:
                 self.read(everything=True)  # a recall that came meanwhile counts first
             if not self.jobs:
                 return
-            job_id, start_by, behaviour = self.jobs.popleft()
+            job_id, start_by, term, behaviour = self.jobs.popleft()
             self.fresh = False
             if sim.clock.now > start_by:  # never for NaN
                 self.send(msg.ID_HEAD.pack(msg.MISSED, job_id))
+                return
+            if term != NO_LEASE and not sim.lease_holds(term):  # as the worker reads its gate
+                sim.info[job_id].lapsed = True
+                sim.trace.append(f"worker {self.pid} finds job {job_id}'s lease lapsed")
+                self.send(msg.ID_HEAD.pack(msg.LAPSED, job_id))
                 return
             sim.trace.append(f"worker {self.pid} starts job {job_id}")
             sim.info[job_id].runs += 1
@@ -299,6 +310,7 @@ class Simulation:
         self.pids = iter(range(100, 10**6))
         self.job_ids = iter(range(1, 10**9))
         self.closing = False
+        self.lease = (1, 2.0)  # the pool's lease: (term, holds until), as ``Gate.hold`` sets it
         self.trace: deque[str] = deque(maxlen=40)
         self.submitted = 0
 
@@ -348,6 +360,8 @@ class Simulation:
         info.outcomes.append(outcome if isinstance(outcome, str) else outcome.kind)
         if info.outcomes[-1] == "completed":
             assert info.finished_by_worker, f"job {info.id} completed without running"
+        if info.lapsed:  # (its worker may die before its reply is read)
+            assert info.outcomes[-1] in ("cancelled", "crashed"), f"{info.id} lapsed: {outcome}"
         self.live.discard(info.id)
         self.dead_refs.append(info)
 
@@ -394,6 +408,7 @@ class Simulation:
         behaviour = rng.choices(list(BEHAVIOURS), weights=list(BEHAVIOURS.values()))[0]
         now = self.clock.now
         start_by = rng.choice([None, None, now + rng.uniform(0.1, 3)])
+        term = rng.choice([NO_LEASE, NO_LEASE, self.lease[0], self.lease[0] - 1])
         padding = b"x" * (20_000 if behaviour == "big" else rng.choice([0, 0, 3000]))
         body = pickle.dumps(("sim:job", (behaviour, padding), {}))
         future = FakeFuture()
@@ -401,16 +416,19 @@ class Simulation:
             id=job_id,
             label=None,
             reference="sim:job",
-            frame=msg.job_frame(job_id, start_by, body),
+            frame=msg.job_frame(job_id, start_by, body, term),
             timeout=rng.choice([None, 1.0, 5.0]),
             start_by=start_by,
             future=future,
             submitted_at=now,
+            lease=term,
         )
         self.info[job_id] = JobInfo(job_id, behaviour, future, weakref.ref(job))
         self.live.add(job_id)
         self.submitted += 1
-        self.trace.append(f"submit {job_id} {behaviour} timeout={job.timeout} by={start_by}")
+        self.trace.append(
+            f"submit {job_id} {behaviour} timeout={job.timeout} by={start_by} lease={term}"
+        )
         worker = self.core.submit(job) if rng.random() < 0.7 else None
         if worker is None:
             self.core.take_in([job])
@@ -463,6 +481,17 @@ class Simulation:
         self.trace.append(f"time {self.clock.now:.3f}")
         self.core.fire()
 
+    def lease_holds(self, term: int) -> bool:
+        return term == self.lease[0] and self.clock.now < self.lease[1]
+
+    def lease_changes(self) -> None:
+        """The pool's lease is renewed (or not in time), or held in a new term."""
+        term, _ = self.lease
+        if self.rng.random() < 0.2:
+            term += 1
+        self.lease = (term, self.clock.now + self.rng.choice([0.0, 0.5, 2.0]))
+        self.trace.append(f"lease term {term} holds until {self.lease[1]:.3f}")
+
     def cancel(self) -> None:
         if not self.live:
             return
@@ -482,6 +511,7 @@ class Simulation:
             if len(self.live) < MAX_LIVE:  # as a queue_size would
                 events.append((6, self.submit))
             events.append((1, self.cancel))
+            events.append((1, self.lease_changes))
         for sim_worker in sorted(self.sim_workers.values(), key=lambda w: w.pid):
             worker = self.core.workers.get(sim_worker.pid)
             if sim_worker.alive:
@@ -621,3 +651,4 @@ def test_the_core_keeps_its_invariants_under_random_interleavings(seed: int, ste
     assert simulation.submitted == len(outcomes) > 0
     assert all(len(each) == 1 for each in outcomes)
     assert any(each == ["completed"] for each in outcomes)
+    assert any(info.lapsed for info in simulation.info.values())  # leases were exercised

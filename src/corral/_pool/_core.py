@@ -30,7 +30,7 @@ from corral._pool._jobs import Jobs
 from corral._pool._link import Message
 from corral._pool._state import Job, Worker
 
-_REPLIES = (msg.RETURNED, msg.RAISED, msg.MISSED)
+_REPLIES = (msg.RETURNED, msg.RAISED, msg.MISSED, msg.LAPSED)
 
 
 class Core(Jobs):

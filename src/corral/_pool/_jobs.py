@@ -229,7 +229,13 @@ class Jobs:
         job = worker.job
         if job is None or job.id != message[1]:
             return
-        result = self._missed(job) if message[0] == msg.MISSED else outcome(job, message)
+        tag = message[0]
+        if tag == msg.MISSED:
+            result = self._missed(job)
+        elif tag == msg.LAPSED:
+            result = self._lapsed(job)
+        else:
+            result = outcome(job, message)
         worker.jobs_done += 1
         self._next_head(worker)  # first: a caller woken by this outcome finds the worker free
         self._resolve(job, result)
@@ -361,6 +367,18 @@ class Jobs:
             waited=waited,
         )
         return Outcome.raised(error, "missed")
+
+    @staticmethod
+    def _lapsed(job: Job) -> Outcome:
+        error = JobCancelledError(
+            f"job {job.id} ({job.reference}) was not started: the lease it was submitted under "
+            f"(term {job.lease}) no longer held when its worker came to it (the app was stopped, "
+            f"or could not renew the lease, for longer than the lease lasts); its run may be "
+            f"another's now",
+            job_id=job.id,
+            started=False,
+        )
+        return Outcome.raised(error, "cancelled")
 
     # -- outcomes -------------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ written (``outbox``); ``messages`` turns what was read into decoded messages, tu
 item is the tag (``_messages``):
 
 - ``(READY,)``, ``(INIT_FAILED, text)``
-- ``(RETURNED, job id, pickled value)``, ``(RAISED, job id, report)``, ``(MISSED, job id)``
+- ``(RETURNED, job id, pickled value)``, ``(RAISED, job id, report)``, ``(MISSED, job id)``,
+  ``(LAPSED, job id)``
 - ``(RECALLED, [job ids])``, ``(LOG, record fields)``, ``(OUTPUT, stream name, text)``
 
 Bytes that do not decode end the stream: the messages before them count, nothing after them is
@@ -58,7 +59,7 @@ class Link:
 def decode(frame: bytes) -> Message:
     """One message from ``frame``; raises ``ProtocolError`` if it is none."""
     tag = frame[:1]
-    if tag in (msg.RETURNED, msg.RAISED, msg.MISSED):
+    if tag in (msg.RETURNED, msg.RAISED, msg.MISSED, msg.LAPSED):
         if len(frame) < msg.ID_HEAD.size:
             raise msg.ProtocolError(f"a reply of {len(frame)} bytes, too short to name its job")
         _, job_id = msg.ID_HEAD.unpack_from(frame)

@@ -7,7 +7,7 @@ when jobs are waiting, and both sides read whatever has arrived and take the who
 
 Supervisor -> worker:
     ``JOB``     id, start-by deadline (``time.monotonic()``, shared by every process; NaN: none),
-                then ``pickle((reference, args, kwargs))``
+                lease term (``_gate``; -1: none), then ``pickle((reference, args, kwargs))``
     ``RECALL``  ``pickle([job ids])``: give back those of these jobs that have not started
     ``STOP``    exit once idle
 
@@ -15,7 +15,8 @@ Worker -> supervisor (job ids say which job a reply is for; a worker runs its jo
 it received them, one at a time, and reports each before it starts the next):
     ``READY``, ``INIT_FAILED`` (the traceback text)
     ``RETURNED`` id, ``pickle(value)``; ``RAISED`` id, ``pickle((exception bytes | None,
-    type name, message, traceback text))``; ``MISSED`` id (past its start-by deadline, not run)
+    type name, message, traceback text))``; ``MISSED`` id (past its start-by deadline, not run);
+    ``LAPSED`` id (its lease did not hold when its turn came, not run)
     ``RECALLED`` ``pickle([job ids])``: given back, never started; one answer per ``RECALL``,
                 in the order of the recalls (the supervisor matches each answer to its recall)
     ``LOG`` ``pickle(record fields)``; ``OUTPUT`` ``pickle((stream name, text))``
@@ -46,12 +47,13 @@ import struct
 from dataclasses import dataclass
 
 JOB, RECALL, STOP = b"J", b"C", b"S"
-READY, INIT_FAILED, RETURNED, RAISED, MISSED, RECALLED, LOG, OUTPUT = (
+READY, INIT_FAILED, RETURNED, RAISED, MISSED, LAPSED, RECALLED, LOG, OUTPUT = (
     b"Y",
     b"I",
     b"R",
     b"E",
     b"M",
+    b"P",
     b"B",
     b"L",
     b"O",
@@ -59,7 +61,7 @@ READY, INIT_FAILED, RETURNED, RAISED, MISSED, RECALLED, LOG, OUTPUT = (
 
 HEADER = struct.Struct("!i")  # a frame's length
 _LONG_HEADER = struct.Struct("!Q")  # after a -1 length, for frames of 2 GiB and more
-JOB_HEAD = struct.Struct("!cQd")  # tag, job id, start-by deadline
+JOB_HEAD = struct.Struct("!cQdq")  # tag, job id, start-by deadline, lease term
 ID_HEAD = struct.Struct("!cQ")  # tag, job id
 READ_SIZE = 1 << 16
 
@@ -76,15 +78,15 @@ def frame(payload: bytes) -> bytes:
     return header(len(payload)) + payload
 
 
-_JOB_FRAME_HEAD = struct.Struct("!icQd")  # a JOB frame's length, then its head (below 2 GiB)
+_JOB_FRAME_HEAD = struct.Struct("!icQdq")  # a JOB frame's length, then its head (below 2 GiB)
 
 
-def job_frame(job_id: int, start_by: float | None, body: bytes) -> bytes:
+def job_frame(job_id: int, start_by: float | None, body: bytes, lease: int = -1) -> bytes:
     deadline = math.nan if start_by is None else start_by
     size = JOB_HEAD.size + len(body)
     if size > 0x7FFFFFFF:
-        return frame(JOB_HEAD.pack(JOB, job_id, deadline) + body)
-    return _JOB_FRAME_HEAD.pack(size, JOB, job_id, deadline) + body
+        return frame(JOB_HEAD.pack(JOB, job_id, deadline, lease) + body)
+    return _JOB_FRAME_HEAD.pack(size, JOB, job_id, deadline, lease) + body
 
 
 class ProtocolError(Exception):

@@ -20,6 +20,7 @@ import anyio.to_thread
 from corral._constants import DEFAULT
 from corral._exceptions import PoolNotRunningError, SerializationError
 from corral._pool import _launch
+from corral._pool._gate import NO_LEASE
 from corral._pool._messages import job_frame
 from corral._pool._refs import reference_of
 from corral._pool._settings import PoolSettings
@@ -58,6 +59,7 @@ class Pool:
             self.settings = settings
         self.name = name or f"corral-pool-{next(_pool_names)}"
         self._supervisor: Supervisor | None = None
+        self._lease: tuple[int, float] = (NO_LEASE, 0.0)  # (term, until): ``hold_lease``
         self._ids = itertools.count(1)
         self._references: dict[Callable[..., Any], str] = {}
         self._lock = threading.Lock()
@@ -75,6 +77,7 @@ class Pool:
                 return
             context = _launch.context(self.settings.start_method, self.settings.preload)
             self._supervisor = Supervisor(self.settings, context, self.name)
+            self._supervisor.gate.hold(*self._lease)
             self._supervisor.start()
             _live_pools.add(self)
 
@@ -164,6 +167,7 @@ class Pool:
         timeout: float | None = DEFAULT,
         start_within: float | None = None,
         label: str | None = None,
+        lease: int | None = None,
     ) -> JobFuture[Any]: ...
 
     @overload
@@ -176,6 +180,7 @@ class Pool:
         timeout: float | None = DEFAULT,
         start_within: float | None = None,
         label: str | None = None,
+        lease: int | None = None,
     ) -> JobFuture[T]: ...
 
     @overload
@@ -188,6 +193,7 @@ class Pool:
         timeout: float | None = DEFAULT,
         start_within: float | None = None,
         label: str | None = None,
+        lease: int | None = None,
     ) -> JobFuture[T]: ...
 
     def submit(
@@ -199,6 +205,7 @@ class Pool:
         timeout: float | None = DEFAULT,
         start_within: float | None = None,
         label: str | None = None,
+        lease: int | None = None,
     ) -> JobFuture[Any]:
         """Queue ``fn(*args, **kwargs)`` for a worker; returns at once.
 
@@ -212,6 +219,9 @@ class Pool:
             start_within: Seconds the job may wait for a worker; past it, it is not run and ends
                 with :class:`JobMissedError`.
             label: Shown in logs and statistics (for example the scheduled task's id).
+            lease: A term of the pool's lease (:meth:`hold_lease`): the job starts only while
+                the lease holds for this term, as its worker checks right before it starts it;
+                if not, it is not run and ends with :class:`JobCancelledError`.
 
         Raises:
             NotImportableError: ``fn`` cannot be imported by reference in a worker.
@@ -249,11 +259,12 @@ class Pool:
             id=job_id,
             label=label,
             reference=reference,
-            frame=job_frame(job_id, start_by, body),
+            frame=job_frame(job_id, start_by, body, NO_LEASE if lease is None else lease),
             timeout=timeout,
             start_by=start_by,
             future=future,
             submitted_at=now,
+            lease=NO_LEASE if lease is None else lease,
         )
         supervisor.submit(job)
         return future
@@ -351,6 +362,16 @@ class Pool:
         supervisor = self._supervisor
         if supervisor is not None and future.running():
             supervisor.kill_job(future.job_id)
+
+    def hold_lease(self, term: int, until: float) -> None:
+        """Jobs submitted with ``lease=term`` may start until ``until`` (``time.monotonic()``);
+        those submitted under another term may not start any more. For work that must not
+        start once what it was given for may have passed to someone else: a fire claimed under
+        a replica's lease, for example. Cheap, and safe from any thread."""
+        self._lease = (term, until)
+        supervisor = self._supervisor
+        if supervisor is not None:
+            supervisor.gate.hold(term, until)
 
     def has_idle_worker(self) -> bool:
         """Whether a worker is free now and nothing waits for one (a hint: it may change at

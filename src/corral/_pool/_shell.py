@@ -41,6 +41,7 @@ from corral._pool._actions import (
 )
 from corral._pool._channel import Channel
 from corral._pool._core import Core
+from corral._pool._gate import Gate
 from corral._pool._outlet import Outlet
 from corral._pool._settings import PoolSettings
 from corral._pool._starter import Starter, kill_group
@@ -96,7 +97,8 @@ class Shell:
             max_result_size=settings.max_result_size,  # type: ignore[arg-type]
             preload=settings.preload,
         )
-        self._starter = Starter(context, options, name, self._hand_over)
+        self.gate = Gate()  # the lease jobs submitted under one start by (``_gate``)
+        self._starter = Starter(context, options, name, self._hand_over, self.gate)
 
     def _hold(self, deadline: float | None = None) -> bool:
         """Take ``state_lock``, waiting no later than ``deadline`` (``time.monotonic()``)."""

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 
 from corral._pool import _launch
 from corral._pool import _messages as msg
+from corral._pool._gate import Gate
 from corral._pool._worker import worker_main
 
 Started = Callable[[int, BaseProcess, socket.socket], None]
@@ -37,9 +38,11 @@ class Starter:
         options: msg.WorkerOptions,
         name: str,
         hand_over: Callable[[Callable[[], None]], bool],
+        gate: Gate,
     ) -> None:
         self.context = context
         self.options = options
+        self.gate = gate  # the start gate (``_gate``): its page is passed to each worker
         self.name = name
         self.hand_over = hand_over
         self._discarding = 0  # processes being killed and reaped (``discard_later``)
@@ -58,12 +61,14 @@ class Starter:
         for sock in (parent_sock, child_sock):
             sock.setblocking(True)  # whatever socket.setdefaulttimeout() says
         child_conn = Connection(child_sock.detach())
-        process = self.context.Process(
-            target=worker_main,
-            args=(child_conn, self.options),
-            name=f"{_launch.WORKER_NAME_PREFIX}{self.name}",
-        )
+        gate: Connection | None = None
         try:
+            gate = Connection(self.gate.dup())
+            process = self.context.Process(
+                target=worker_main,
+                args=(child_conn, self.options, gate),
+                name=f"{_launch.WORKER_NAME_PREFIX}{self.name}",
+            )
             process.start()
         except Exception as exc:
             parent_sock.close()
@@ -72,6 +77,8 @@ class Starter:
             return
         finally:
             child_conn.close()
+            if gate is not None:
+                gate.close()
         if not self.hand_over(lambda: started(token, process, parent_sock)):
             self._discarding_one(+1)
             self._discard(process, parent_sock)

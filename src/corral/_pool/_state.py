@@ -32,6 +32,7 @@ class Job:
     cancel_requested: bool = False
     sends: int = 0  # times it was sent to a worker (a recall's answer is about one of them)
     deadline: Timer[Job] | None = None  # its start deadline, while it has not ended
+    lease: int = -1  # the term of the pool's lease it starts under (``_gate``); -1: none
 
 
 @dataclass(eq=False)

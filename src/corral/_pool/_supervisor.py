@@ -443,6 +443,7 @@ class Supervisor(Shell):
                 self.commands.clear()
             for command in late:
                 command()
+            self.gate.close()
             self.core.actions.clear()
             self.outlet.close()
             self._let_go()

@@ -30,6 +30,7 @@ from typing import Any
 
 from corral._exceptions import JobExitError, SerializationError
 from corral._pool import _messages as msg
+from corral._pool._gate import NO_LEASE, GateReader
 from corral._pool._launch import load_parent_main
 from corral._pool._refs import resolve
 
@@ -91,7 +92,7 @@ class _Inbox:
         self.channel = channel
         self.lock = threading.Lock()
         self.received = bytearray()
-        self.jobs: deque[tuple[int, float, bytes]] = deque()
+        self.jobs: deque[tuple[int, float, int, bytes]] = deque()
         self.busy = False
         self.fresh = False  # the jobs here came with the last read, made while idle
         self.stopping = False
@@ -99,7 +100,7 @@ class _Inbox:
         self.poller = select.poll()  # to see whether the socket holds anything (``_drain``)
         self.poller.register(self.fd, select.POLLIN)
 
-    def next_job(self) -> tuple[int, float, bytes] | None:
+    def next_job(self) -> tuple[int, float, int, bytes] | None:
         """The next job to run, waiting for one; ``None``: stop.
 
         A job that waited here while another ran starts only after what has come to the socket
@@ -154,8 +155,8 @@ class _Inbox:
         for frame in msg.frames(self.received, data):
             tag = frame[:1]
             if tag == msg.JOB:
-                _, job_id, start_by = msg.JOB_HEAD.unpack_from(frame)
-                self.jobs.append((job_id, start_by, frame[msg.JOB_HEAD.size :]))
+                _, job_id, start_by, lease = msg.JOB_HEAD.unpack_from(frame)
+                self.jobs.append((job_id, start_by, lease, frame[msg.JOB_HEAD.size :]))
             elif tag == msg.RECALL:
                 wanted = set(pickle.loads(frame[1:]))
                 given = [job[0] for job in self.jobs if job[0] in wanted]
@@ -302,13 +303,19 @@ RUNNING_IN_WORKER = False
 """True in a worker process: ``@scheduler`` then leaves functions as they are and does nothing."""
 
 
-def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    conn: Connection, options: msg.WorkerOptions, gate: Connection | None = None
+) -> None:
+    """Entry point of a worker process (``gate``: the pool's start gate, ``_gate``; without
+    one, no job submitted under a lease starts)."""
     global RUNNING_IN_WORKER
     RUNNING_IN_WORKER = True
     with contextlib.suppress(PermissionError):  # already a group leader if its launcher made it one
         os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lease = GateReader(None if gate is None else gate.fileno())
+    if gate is not None:
+        gate.close()
     channel = _Channel(conn)
     inbox = _Inbox(conn, channel)
     _watch(options.parent_pid, options.watch_interval, inbox)
@@ -335,9 +342,12 @@ def worker_main(conn: Connection, options: msg.WorkerOptions) -> None:
     replies = _Replies(options.max_result_size)
     kept = _Kept(streams)
     while (job := inbox.next_job()) is not None:
-        job_id, start_by, body = job
-        if time.monotonic() > start_by:  # never true for NaN (no deadline)
+        job_id, start_by, term, body = job
+        now = time.monotonic()
+        if now > start_by:  # never true for NaN (no deadline)
             reply = msg.ID_HEAD.pack(msg.MISSED, job_id)
+        elif term != NO_LEASE and not lease.admits(term, now):
+            reply = msg.ID_HEAD.pack(msg.LAPSED, job_id)
         else:
             reply, runner = _run_job(job_id, body, runner, main, replies)
         _flush(streams)
