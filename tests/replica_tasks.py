@@ -1,7 +1,7 @@
 """Tasks for the replica tests, run by several ``corral run`` processes sharing a database.
 
 ``CORRAL_TEST_TASKS`` chooses which are enabled (``tick,hold``); each appends a line to
-``CORRAL_TEST_OUT``. ``hold`` runs until the file ``CORRAL_TEST_RELEASE`` exists.
+``CORRAL_TEST_OUT``. ``hold`` and ``backlog`` run until the file ``CORRAL_TEST_RELEASE`` exists.
 """
 
 from __future__ import annotations
@@ -48,6 +48,29 @@ def tick() -> None:
 )
 def hold() -> None:
     _record("hold")
+    _wait_for_release()
+
+
+@scheduler(
+    name="backlog",
+    trigger="interval",
+    seconds=1,
+    max_instances=10,
+    coalesce=False,
+    mistrigger_grace_time=3600,
+    rerun_lost=RERUN,
+    is_enabled="backlog" in ENABLED,
+)
+def backlog() -> str:
+    """Held like ``hold``, but fires pile up behind it (``max_instances=10``); says which
+    process ran it and when it started."""
+    started = time.time()
+    _record("backlog")
+    _wait_for_release()
+    return f"{os.getpid()}@{started:.6f}"
+
+
+def _wait_for_release() -> None:
     release = Path(os.environ["CORRAL_TEST_RELEASE"])
     pause = threading.Event()
     deadline = time.monotonic() + 120

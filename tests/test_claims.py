@@ -21,6 +21,7 @@ from conftest import fresh_database, wait_until
 from corral import (
     ConfigurationError,
     DatabaseUnavailableError,
+    JobCancelledError,
     Ledger,
     Scheduler,
     SchedulerConfig,
@@ -545,3 +546,157 @@ async def test_a_claim_answered_late_does_not_make_its_fire_missed(
         release.set()
         [event] = await recorder.count(TASK_EXECUTED, "sum", 1, timeout=60)
     assert event.return_value == 3
+
+
+class _Clock:
+    """Wall-clock and monotonic seconds at once, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Scheduler:
+    """What ``Claims`` dispatches through: asyncz's ``dispatch_event``, which asks it first."""
+
+    def __init__(self) -> None:
+        self.claims: Any = None
+        self.dispatched: list[Any] = []
+
+    def dispatch_event(self, event: Any) -> None:
+        if not self.claims.hold(event):
+            self.dispatched.append(event)
+
+
+class _Executor:
+    def __init__(self) -> None:
+        self.won: list[tuple[list[datetime], int]] = []
+        self.changed = asyncio.Event()
+
+    def claim_sent(self) -> Any:
+        return lambda: None
+
+    def run_claimed(
+        self, task: Any, run_times: list[datetime], *, rerun: bool, handed_at: datetime, term: int
+    ) -> None:
+        self.won.append((run_times, term))
+        self.changed.set()
+
+
+async def test_an_outcome_reached_after_the_lease_may_have_expired_waits_for_the_ledger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the lease a run was claimed under surely holds, its outcome event goes on at once.
+    Past that, the event waits for the ledger: dispatched if the run was still this replica's,
+    dropped (with a WARNING) if another replica had reported it lost meanwhile, whose
+    ReplicaLostError was then the run's one outcome."""
+    from corral._claims import Claims
+
+    url = fresh_database("sqlite", tmp_path)
+    clock = _Clock()
+    # A lease of 10 minutes: the coordinator's own renewals (every third of it) do not come
+    # during the test; the test moves the clocks past it instead.
+    ledger = Ledger(url, lease=600, clock=clock, monotonic=clock)
+    coordinator = Coordinator(ledger, on_lost=lambda _: None)
+    scheduler, executor = _Scheduler(), _Executor()
+    claims = Claims(coordinator, scheduler, asyncio.get_running_loop(), lambda _: False)
+    scheduler.claims = claims
+    await asyncio.to_thread(coordinator.start)
+    reaper = Ledger(url, lease=600, clock=clock)
+    task = type("Task", (), {"id": "sync", "max_instances": 5, "store_alias": "default"})()
+    moments = [datetime(2030, 1, 1, second=s, tzinfo=UTC) for s in range(3)]
+
+    def outcome(moment: datetime) -> Any:
+        from asyncz.events import TaskExecutionEvent
+
+        return TaskExecutionEvent(
+            code=TASK_EXECUTED, task_id="sync", store="default", scheduled_run_time=moment
+        )
+
+    async def claimed(count: int) -> int:
+        while len(executor.won) < count:
+            executor.changed.clear()
+            await asyncio.wait_for(executor.changed.wait(), 30)
+        return executor.won[-1][1]
+
+    async def status(moment: datetime) -> str:
+        def final() -> str | None:
+            [run] = [r for r in reaper.runs(task="sync") if r.scheduled == moment]
+            return None if run.status == "claimed" else run.status
+
+        return await _eventually(final, f"the outcome of {moment} recorded")  # type: ignore[no-any-return]
+
+    try:
+        claims.claim(executor, task, moments[:2])
+        assert await claimed(1) == 1
+        first, second = (outcome(moment) for moment in moments[:2])
+        scheduler.dispatch_event(first)  # the lease holds: at once
+        assert scheduler.dispatched == [first]
+        assert await status(moments[0]) == "executed"
+
+        clock.now += 700  # stopped past its lease; another replica reaps it
+        reaper.join()
+        assert [run.scheduled for run in reaper.reap()] == [moments[1]]
+        with caplog.at_level(logging.WARNING, logger="corral.ledger"):
+            scheduler.dispatch_event(second)
+            await _eventually(
+                lambda: "is not reported by this replica" in caplog.text, "the drop logged"
+            )
+        assert scheduler.dispatched == [first]  # dropped: its ReplicaLostError was its outcome
+        assert "task 'sync' (run time 2030-01-01 00:00:01+00:00)" in caplog.text
+
+        claims.claim(executor, task, moments[2:])  # claimed in a new term
+        assert await claimed(2) == 2
+        third = outcome(moments[2])
+        clock.now += 700  # stopped past its lease again, but nobody reaped it
+        scheduler.dispatch_event(third)
+        assert scheduler.dispatched == [first]  # held until the ledger answers
+        assert await status(moments[2]) == "executed"
+        await _eventually(lambda: len(scheduler.dispatched) > 1, "the held event dispatched")
+        assert scheduler.dispatched == [first, third]
+    finally:
+        await asyncio.to_thread(coordinator.stop)
+        reaper.close()
+
+
+async def _eventually(predicate: Any, what: str, timeout: float = 30.0) -> Any:
+    """``wait_until`` for a test on the event loop: polls, and lets the loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
+
+
+async def test_a_thread_or_asyncio_run_starts_only_while_its_claims_lease_holds() -> None:
+    """asyncz's own executors run a claimed fire through ``leased``: a run that waited for a
+    thread (or the loop) past its lease, or into a new term, is not started and says why."""
+    from corral._executor import leased
+    from corral._ledger._lease import HeldLease
+
+    clock = _Clock()
+    lease = HeldLease(10, clock=clock)
+    lease.renewed(clock.now, fresh=True)
+    ran: list[str] = []
+
+    def sync_job(value: str) -> str:
+        ran.append(value)
+        return value
+
+    async def async_job(value: str) -> str:
+        ran.append(value)
+        return value
+
+    sync_run, async_run = leased(sync_job, lease, 1), leased(async_job, lease, 1)
+    assert asyncio.iscoroutinefunction(async_run) and not asyncio.iscoroutinefunction(sync_run)
+    assert sync_run("a") == "a" and await async_run("b") == "b"
+    clock.now += 9.5  # within the lease, past its margin
+    with pytest.raises(JobCancelledError, match=r"sync_job was not started: the lease .*term 1"):
+        sync_run("c")
+    lease.renewed(clock.now, fresh=True)  # registered again: term 2
+    with pytest.raises(JobCancelledError, match="async_job was not started"):
+        await async_run("d")
+    assert ran == ["a", "b"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,6 +230,90 @@ def test_runs_left_when_every_replica_died_are_reported_and_rerun_by_the_next(
     assert f"pid {first.pid}) stopped renewing" in second.text()
     assert "runs again here" in second.text()
     assert second.stop() == 0
+
+
+def test_a_replica_paused_past_its_lease_neither_starts_nor_reports_the_runs_reaped_meanwhile(
+    cluster_of: Callable[..., Cluster],
+) -> None:
+    """A replica stopped (SIGSTOP) with a run in its worker and fires queued behind it. Another
+    reports them lost and reruns them. Resumed, the stopped one starts none of its queued runs
+    (its worker finds their lease lapsed) and dispatches no outcome event for any of them: the
+    ReplicaLostError was their outcome. Every queued fire runs exactly once, on the other."""
+    cluster = cluster_of("backlog", CORRAL_REPLICA_LEASE="2", CORRAL_TEST_RERUN="1")
+    paused = cluster.start("--log-format", "json")
+
+    def claimed_by(pid: int) -> list[RunRecord]:
+        return [r for r in cluster.runs("backlog") if r.pid == pid and r.status == "claimed"]
+
+    wait_until(
+        lambda: (
+            len(claimed_by(paused.pid)) >= 3 and any(r.worker_pid for r in claimed_by(paused.pid))
+        ),
+        timeout=60,
+        what="a run of backlog started and two more queued behind it",
+    )
+    other = cluster.start("--log-format", "json")
+    ledger = Ledger(cluster.database)
+    try:
+        wait_until(
+            lambda: other.pid in {r.pid for r in ledger.replicas()}, timeout=60, what="the other"
+        )
+    finally:
+        ledger.close()
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.time()
+        stranded = {r.id: r for r in claimed_by(paused.pid)}  # nothing changes them now
+        started = [r for r in stranded.values() if r.worker_pid]
+        assert len(started) == 1 and len(stranded) >= 3, stranded
+        wait_until(
+            lambda: all(r.status == "lost" for r in cluster.runs("backlog") if r.id in stranded),
+            timeout=60,
+            what="the stopped replica's runs reported lost",
+        )
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    cluster.release.touch()
+
+    def reruns() -> list[RunRecord]:
+        scheduled = {r.scheduled for r in stranded.values()}
+        return [r for r in cluster.runs("backlog") if r.scheduled in scheduled and r.attempt == 1]
+
+    wait_until(
+        lambda: len([r for r in reruns() if r.status == "executed"]) == len(stranded),
+        timeout=60,
+        what="each lost run rerun and executed by the other replica",
+    )
+    assert {r.pid for r in reruns()} == {other.pid}
+    assert paused.stop() == 0, paused.text()  # (after every run handed over to it has ended)
+    assert other.stop() == 0, other.text()
+
+    runs = cluster.runs("backlog")
+    # Its worker started the one run it had started before it was stopped, and then only runs
+    # it claimed again after it came back (recorded executed by it): none of those reaped.
+    worker = started[0].worker_pid
+    ran_there = [at for pid, at in cluster.lines("backlog") if pid == worker]
+    executed_there = [r for r in runs if r.worker_pid == worker and r.status == "executed"]
+    assert len(ran_there) == 1 + len(executed_there), (ran_there, executed_there)
+    assert len([at for at in ran_there if at >= stopped_at]) == len(executed_there)
+    # It reported no outcome of a reaped run: each of its outcome events is one it recorded.
+    events = [
+        json.loads(line)
+        for line in paused.text().splitlines()
+        if line.startswith("{") and '"event": "outcome"' in line
+    ]
+    reported = [e for e in events if e.get("task") == "backlog"]
+    assert len(reported) == len([r for r in runs if r.pid == paused.pid and r.status != "lost"])
+    assert not [e for e in reported if "lease" in e.get("detail", "")]
+    assert not [
+        e for e in reported if e["kind"] == "executed" and _started_at(e["detail"]) < stopped_at
+    ]
+    assert paused.text().count("is not reported by this replica") == len(stranded)  # (logged)
+
+
+def _started_at(detail: str) -> float:
+    """When a run of ``backlog`` started, from its value (``"pid@time"``)."""
+    return float(detail.strip("'").split("@")[1])
 
 
 # -- under a real multi-worker server -------------------------------------------------------------

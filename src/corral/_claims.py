@@ -4,7 +4,10 @@
 send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one transaction)
    <- on the loop: won -> the executor runs it; taken -> skipped quietly; full -> skipped,
       TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
-outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.on_event -> Ledger.finish
+outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.hold -> Ledger.finish;
+   while the lease the run was claimed under surely holds, the event goes on at once; past
+   that, it is held until the ledger says the run was still this replica's (dispatched), or
+   that another replica reported it lost (dropped: that report was the run's outcome)
 lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
                            rerun_lost tasks are claimed again (attempt + 1) and run here;
                            while max_instances runs are in progress, a rerun waits (never
@@ -62,8 +65,17 @@ class ClaimingExecutor(Protocol):
     claim is in flight (a shutdown waits for it, as for a run handed over)."""
 
     def run_claimed(
-        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
-    ) -> None: ...
+        self,
+        task: TaskType,
+        run_times: list[datetime],
+        *,
+        rerun: bool,
+        handed_at: datetime,
+        term: int,
+    ) -> None:
+        """Run fires won under ``term`` of the lease (``Claims.lease``): none may start once
+        that term does not hold."""
+        ...
 
     def claim_sent(self) -> Callable[[], None]:
         """A claim is in flight; the function returned is called once it is settled."""
@@ -88,6 +100,9 @@ class Claims:
         rerun_lost: Callable[[str], bool],
     ) -> None:
         self.coordinator = coordinator
+        self.lease = coordinator.ledger.held
+        """This replica's lease as it knows it: runs claimed under a term start and are reported
+        only while that term holds."""
         self.scheduler = scheduler
         self.loop = loop
         self._delivery = Delivery.of(loop)  # (a shutdown that blocks the loop serves it)
@@ -101,6 +116,9 @@ class Claims:
         self._early: list[LostRun] | None = []
         # Reruns waiting for a free instance of their task, and the handle of their next claim.
         self._waiting: dict[tuple[str, tuple[int, ...]], asyncio.TimerHandle] = {}
+        # Outcome events held until the ledger says whether their run was still this replica's.
+        self._unconfirmed: dict[int, Any] = {}
+        self._passing: Any = None  # an event confirmed, being dispatched
         coordinator.on_lost = self._on_lost_thread
 
     def ready(self) -> None:
@@ -143,8 +161,15 @@ class Claims:
         )
 
     def hold(self, event: Any) -> bool:
-        """Keep asyncz's TASK_SUBMITTED of a fire being claimed until the claim is decided."""
-        if event.code != TASK_SUBMITTED or event.task_id is None:
+        """Whether to keep ``event`` back (the scheduler's ``dispatch_event`` asks): asyncz's
+        TASK_SUBMITTED of a fire being claimed, until the claim is decided; the outcome of a
+        claimed run, until the ledger has it, if the run's lease may have expired (``finish``).
+        """
+        if getattr(event, "task_id", None) is None:
+            return False
+        if event.code & OUTCOME_EVENTS:
+            return self._finish(event)
+        if event.code != TASK_SUBMITTED:
             return False
         held = self._held.get(_key(str(event.task_id), list(event.scheduled_run_times)))
         if held is None:
@@ -204,9 +229,13 @@ class Claims:
             return
         for result in won:
             assert result.run_id is not None
-            self._open[(task_id, micros(result.scheduled))] = _OpenRun(result.run_id)
+            self._open[(task_id, micros(result.scheduled))] = _OpenRun(result.run_id, result.term)
         executor.run_claimed(
-            task, [r.scheduled for r in won], rerun=attempt > 0, handed_at=handed_at
+            task,
+            [r.scheduled for r in won],
+            rerun=attempt > 0,
+            handed_at=handed_at,
+            term=won[0].term,  # (one transaction: one term)
         )
 
     def _report_unclaimed(
@@ -269,24 +298,81 @@ class Claims:
             run.worker_pid, run.started_at = worker_pid, at
             self.coordinator.started(run.run_id, worker_pid, at)
 
-    def on_event(self, event: Any) -> None:
-        """asyncz listener: record the outcome of a claimed run in the ledger."""
-        if not isinstance(event, TaskExecutionEvent):
-            return
-        scheduled = event.scheduled_run_time
-        if not isinstance(scheduled, datetime) or event.task_id is None:
-            return
+    def _finish(self, event: Any) -> bool:
+        """Record the outcome of a claimed run in the ledger; ``True``: hold its event.
+
+        While the lease the run was claimed under surely holds, no other replica can have
+        reported the run lost: the event goes on at once. Past that (the process was stopped,
+        or could not renew its lease), it may have been: the event waits for the ledger's
+        answer, and is dispatched only if the run was still this replica's. Otherwise the run's
+        ``ReplicaLostError``, dispatched by the replica that reaped it, was its one outcome."""
+        scheduled = getattr(event, "scheduled_run_time", None)
+        if event is self._passing or not isinstance(scheduled, datetime):
+            return False
         run = self._open.pop((str(event.task_id), micros(scheduled)), None)
         if run is None:
-            return
+            return False
         status, error = _status_of(event)
+        if self.lease.holds(run.term):
+            self.coordinator.finish(
+                run.run_id,
+                status,
+                error=error,
+                worker_pid=run.worker_pid,
+                started_at=run.started_at,
+            )
+            return False
+        self._unconfirmed[run.run_id] = event
+
+        def recorded(was_recorded: bool) -> None:
+            self._call_soon(self._confirmed, run.run_id, was_recorded)
+
         self.coordinator.finish(
             run.run_id,
             status,
             error=error,
             worker_pid=run.worker_pid,
             started_at=run.started_at,
+            recorded=recorded,
         )
+        return True
+
+    def _confirmed(self, run_id: int, was_recorded: bool) -> None:
+        event = self._unconfirmed.pop(run_id, None)
+        if event is None:
+            return
+        if not was_recorded:
+            logger.warning(
+                "The outcome of task %r (run time %s) is not reported by this replica: its "
+                "lease expired before the run ended, and another replica reported the run lost "
+                "(ReplicaLostError)",
+                event.task_id,
+                event.scheduled_run_time,
+            )
+            return
+        self._passing = event
+        try:
+            self.scheduler.dispatch_event(event)
+        finally:
+            self._passing = None
+
+    def unconfirmed(self) -> None:
+        """After the coordinator stopped: log the outcomes still held (the database could not
+        tell whether another replica had reported their runs lost; one that did not will, once
+        it reaches the database and finds this replica's lease expired)."""
+        for event in self._unconfirmed.values():
+            logger.warning(
+                "The outcome of task %r (run time %s) is not reported by this replica: its "
+                "lease expired before the run ended, and the database could not be reached at "
+                "shutdown to tell whether another replica had reported the run lost",
+                event.task_id,
+                event.scheduled_run_time,
+            )
+        self._unconfirmed.clear()
+
+    def unconfirmed_later(self) -> None:
+        """:meth:`unconfirmed`, from another thread (on the loop, if it still runs)."""
+        self._call_soon(self.unconfirmed)
 
     def stop(self) -> None:
         """The scheduler is stopping (on the loop): reruns still waiting will not run."""
@@ -357,10 +443,11 @@ def _key(task_id: str, run_times: list[datetime]) -> tuple[str, tuple[int, ...]]
 
 
 class _OpenRun:
-    __slots__ = ("run_id", "started_at", "worker_pid")
+    __slots__ = ("run_id", "started_at", "term", "worker_pid")
 
-    def __init__(self, run_id: int) -> None:
+    def __init__(self, run_id: int, term: int) -> None:
         self.run_id = run_id
+        self.term = term
         self.worker_pid: int | None = None
         self.started_at: float | None = time.time()
 

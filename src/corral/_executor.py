@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -27,9 +28,7 @@ from asyncz.executors.pool import ThreadPoolExecutor as _AsynczThreadPoolExecuto
 
 from corral._asyncz_names import pool_options
 from corral._constants import DEFAULT
-from corral._exceptions import (
-    JobMissedError,
-)
+from corral._exceptions import JobCancelledError, JobMissedError
 from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
     from asyncz.tasks.types import TaskType
 
     from corral._claims import Claims
+    from corral._ledger._lease import HeldLease
 
 
 class ProcessExecutor(RunExecutor):
@@ -87,6 +87,7 @@ class ProcessExecutor(RunExecutor):
         self._wait_window = -_WAIT_WARNING_EVERY  # when the interval began
         self._wait_tasks = 0  # tasks warned about in it
         self._wait_unwarned = 0  # runs that waited without a warning of their own in it
+        self._unwatch_lease: Callable[[], None] = _nothing
         self.run_observers: list[Callable[[str, JobFuture[Any], float | None], None]] = []
         """Called at each job's outcome, on the event loop: (task id, the job's future, the
         seconds it ran or ``None`` if it never started); ``future.queue_wait`` is how long it
@@ -95,6 +96,9 @@ class ProcessExecutor(RunExecutor):
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
         self.pool = Pool(self.settings, name=f"corral-{alias}")
+        if self.claims is not None:  # jobs of claimed fires start only while their lease holds
+            self._unwatch_lease()
+            self._unwatch_lease = self.claims.lease.watch(self.pool.hold_lease)
         self.pool.start()
 
     def shutdown(self, wait: bool = True, *, timeout: float | None = DEFAULT) -> None:
@@ -166,6 +170,7 @@ class ProcessExecutor(RunExecutor):
             kwargs=task.kwargs,
             timeout=self._timeout_of(task),
             label=run.task_id,
+            lease=run.term,
         )
 
     def _started(self, run: Run, run_time: datetime, future: Any) -> None:
@@ -259,11 +264,20 @@ class _ClaimsFirst:
         return _nothing
 
     def run_claimed(
-        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
+        self,
+        task: TaskType,
+        run_times: list[datetime],
+        *,
+        rerun: bool,
+        handed_at: datetime,
+        term: int,
     ) -> None:
         # (asyncz's own executors measure lateness when the run starts, as asyncz does.)
+        assert self.claims is not None
+        task = copy.copy(task)
+        assert task.fn is not None
+        task.fn = leased(task.fn, self.claims.lease, term)
         if rerun:
-            task = copy.copy(task)
             task.mistrigger_grace_time = None
         try:
             super().send_task(task, run_times)  # type: ignore[misc]
@@ -308,6 +322,41 @@ class AsyncIOExecutor(_ClaimsFirst, _AsynczAsyncIOExecutor):
 
 def _nothing() -> None:
     pass
+
+
+def leased(fn: Callable[..., Any], lease: HeldLease, term: int) -> Callable[..., Any]:
+    """``fn``, which starts only while ``term`` of ``lease`` holds (a run claimed under it): a
+    run that waited for a thread while the process was stopped, or could not renew its lease,
+    may be another replica's by then. Past it, the run is not started and raises
+    ``JobCancelledError`` (its outcome: see ``Claims.hold``)."""
+
+    def refuse() -> JobCancelledError:
+        return JobCancelledError(
+            f"{getattr(fn, '__qualname__', fn)} was not started: the lease its fire was claimed "
+            f"under (term {term}) no longer held when its turn came (the process was stopped, or "
+            f"could not renew its lease, for longer than replica_lease); another replica may "
+            f"have reported it lost",
+            job_id=None,
+            started=False,
+        )
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            if not lease.holds(term):
+                raise refuse()
+            return await fn(*args, **kwargs)
+
+        return run_async
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not lease.holds(term):
+            raise refuse()
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def log_running(

@@ -55,6 +55,8 @@ class Run:
     grace: float | None
     drain: Drain
     """The shutdown of the executor's pool it was handed to (which waits for it)."""
+    term: int | None = None
+    """The term of this replica's lease its fires were claimed under (with a database)."""
     index: int = 0
     """The current run time's index in ``run_times``."""
     submitted_at: float = 0.0
@@ -163,15 +165,27 @@ class RunExecutor(BaseExecutor):
         return drain.claim_settled
 
     def run_claimed(
-        self, task: TaskType, run_times: list[datetime], *, rerun: bool, handed_at: datetime
+        self,
+        task: TaskType,
+        run_times: list[datetime],
+        *,
+        rerun: bool,
+        handed_at: datetime,
+        term: int,
     ) -> None:
-        """Run fires this replica claimed, handed over at ``handed_at`` (the claim's time is
-        not lateness; a rerun of a lost run ignores the grace time)."""
+        """Run fires this replica claimed under ``term`` of its lease, handed over at
+        ``handed_at`` (the claim's time is not lateness; a rerun of a lost run ignores the grace
+        time)."""
         grace = None if rerun else task.mistrigger_grace_time
-        self._start_run(task, run_times, grace, handed_at)
+        self._start_run(task, run_times, grace, handed_at, term)
 
     def _start_run(
-        self, task: TaskType, run_times: list[datetime], grace: float | None, handed_at: datetime
+        self,
+        task: TaskType,
+        run_times: list[datetime],
+        grace: float | None,
+        handed_at: datetime,
+        term: int | None = None,
     ) -> None:
         # The instance is taken before the first job is submitted, so an outcome that arrives at
         # once releases an instance that is really held.
@@ -183,7 +197,9 @@ class RunExecutor(BaseExecutor):
             instances[task_id] += 1
             drain = self._drain
             drain.run_started()
-        run = Run(self, task, task_id, str(task.store_alias), run_times, handed_at, grace, drain)
+        run = Run(
+            self, task, task_id, str(task.store_alias), run_times, handed_at, grace, drain, term
+        )
         try:
             self._submit_next(run)
         except BaseException:

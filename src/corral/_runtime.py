@@ -303,7 +303,7 @@ class Scheduler:
     # -- the ledger, with a database -------------------------------------------------------------
 
     async def _join_ledger(self, specs: list[TaskSpec]) -> None:
-        from corral._claims import OUTCOME_EVENTS, Claims
+        from corral._claims import Claims
         from corral._ledger import Coordinator, Ledger
 
         cfg = self.config
@@ -318,7 +318,6 @@ class Scheduler:
             lambda task_id: self._rerun_lost.get(task_id, False),
         )
         await anyio.to_thread.run_sync(coordinator.start)
-        self.asyncz.add_listener(claims.on_event, OUTCOME_EVENTS)
         self._claims = claims
         self.asyncz.claims = claims  # type: ignore[attr-defined]
         self.replica_id = ledger.replica
@@ -330,6 +329,7 @@ class Scheduler:
         if claims is not None:
             claims.stop()
             await anyio.to_thread.run_sync(claims.coordinator.stop)
+            claims.unconfirmed()
             self._final_ledger_statistics = claims.coordinator.statistics()
 
     def _leave_ledger_when_drained(self) -> None:
@@ -348,6 +348,7 @@ class Scheduler:
             for finished in drains:
                 finished.wait()
             claims.coordinator.stop()
+            claims.unconfirmed_later()
             self._final_ledger_statistics = claims.coordinator.statistics()
 
         threading.Thread(target=leave, name="corral-ledger-leave").start()

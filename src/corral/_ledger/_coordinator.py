@@ -44,6 +44,7 @@ from corral._ledger._schema import safe_url
 logger = logging.getLogger("corral.ledger")
 
 Done = Callable[[Any, BaseException | None], None]
+_Finish = tuple[Outcome, Callable[[bool], None] | None]  # an outcome, and who waits for it
 
 
 class ClaimWithdrawn(Exception):
@@ -113,7 +114,7 @@ class Coordinator:
         self.retention = retention
         self.tick_every = ledger.lease / 3
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pending: collections.deque[Outcome] = collections.deque()
+        self._pending: collections.deque[_Finish] = collections.deque()
         self._thread: threading.Thread | None = None
         self._available = True
         self._counts = collections.Counter[str]()
@@ -193,10 +194,15 @@ class Coordinator:
         error: str | None = None,
         worker_pid: int | None = None,
         started_at: float | None = None,
+        recorded: Callable[[bool], None] | None = None,
     ) -> None:
-        """Record a run's outcome (kept and retried while the database is away)."""
+        """Record a run's outcome (kept and retried while the database is away).
+
+        ``recorded(True)`` is called on the thread once it is recorded; ``recorded(False)`` if
+        the run was no longer in progress (another replica had reported it lost). Not called
+        if the coordinator stops before the database could tell."""
         outcome = Outcome(run_id, status, error, worker_pid, started_at, time.time())
-        self._queue.put(("finish", outcome, None))
+        self._queue.put(("finish", outcome, recorded))
 
     def statistics(self) -> LedgerStatistics:
         counts = self._counts
@@ -262,7 +268,7 @@ class Coordinator:
     def _handle(self, items: list[Any]) -> None:
         """Outcomes first (they release instances the claims count), then starts, then claims:
         a run's claim is always handled in an earlier batch than its start and outcome."""
-        outcomes = [outcome for kind, outcome, _ in items if kind == "finish"]
+        outcomes = [(outcome, done) for kind, outcome, done in items if kind == "finish"]
         if outcomes:
             self._run(self._finish, (outcomes,), None)
         for kind, args, _ in items:
@@ -313,20 +319,20 @@ class Coordinator:
                     )
         return batches
 
-    def _finish(self, outcomes: list[Outcome]) -> None:
+    def _finish(self, outcomes: list[_Finish]) -> None:
         try:
             self._record(outcomes)
         except (SQLAlchemyError, OSError):
             self._pending.extend(outcomes)
             while len(self._pending) > PENDING_LIMIT:
-                dropped = self._pending.popleft()
+                dropped, _ = self._pending.popleft()
                 logger.error("corral dropped the unrecorded outcome of run %s", dropped.run_id)
             raise
 
-    def _record(self, outcomes: list[Outcome]) -> None:
-        recorded = self.ledger.finish_many(outcomes)
-        for outcome, done in zip(outcomes, recorded, strict=True):
-            if not done:
+    def _record(self, outcomes: list[_Finish]) -> None:
+        recorded = self.ledger.finish_many([outcome for outcome, _ in outcomes])
+        for (outcome, done), was_recorded in zip(outcomes, recorded, strict=True):
+            if not was_recorded:
                 logger.warning(
                     "Run %s finished (%s) after it had been reported lost: this replica's lease "
                     "expired while it ran (was the process stopped, or the database away for "
@@ -334,6 +340,11 @@ class Coordinator:
                     outcome.run_id,
                     outcome.status,
                 )
+            if done is not None:
+                try:
+                    done(was_recorded)
+                except Exception:
+                    logger.exception("corral ledger callback %r failed", done)
 
     def _retry_pending(self) -> None:
         if self._pending:

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, and_, bindparam, delete, func, select, update
 
+from corral._ledger._lease import HeldLease
 from corral._ledger._records import (
     Claim,
     ClaimRequest,
@@ -84,12 +85,23 @@ class Ledger:
         url: ``sqlite:///path/to/corral.db`` or ``postgresql://user:password@host/dbname``.
         lease: Seconds a replica stays alive in the others' eyes without renewing its lease.
         clock: Wall-clock seconds since the epoch (replaceable in tests).
+        monotonic: ``time.monotonic`` (replaceable in tests): what ``held`` is measured on.
     """
 
-    def __init__(self, url: str, *, lease: float = DEFAULT_LEASE, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        clock: Any = time.time,
+        monotonic: Any = time.monotonic,
+    ) -> None:
         self.url = url
         self.lease = lease
         self._clock = clock
+        self._monotonic = monotonic
+        self.held = HeldLease(lease, clock=monotonic)
+        """This replica's lease as it knows it locally: its term, and until when it surely holds."""
         self.engine: Engine = make_engine(url)
         self.replica = uuid.uuid4().hex
         self.host = socket.gethostname()
@@ -109,18 +121,24 @@ class Ledger:
     def join(self) -> None:
         """Create the tables if needed and register this replica with a fresh lease."""
         self._ensure_tables()
-        now = self._clock()
+        sent_at, now = self._monotonic(), self._clock()
         with self._transaction() as connection:
             connection.execute(delete(replicas).where(replicas.c.id == self.replica))
             self._register(connection, now)
+        self.held.renewed(sent_at, fresh=True)
 
     def renew(self) -> bool:
         """Extend this replica's lease; ``False`` if it had expired and others removed it
-        (it is then registered again: its runs in progress were already reported lost)."""
+        (it is then registered again, in a new term: its runs in progress were already reported
+        lost)."""
+        sent_at = self._monotonic()
         with self._transaction() as connection:
-            return self._touch(connection, self._clock())
+            renewed = self._touch(connection, self._clock())
+        self.held.renewed(sent_at, fresh=not renewed)
+        return renewed
 
     def _touch(self, connection: Any, now: float) -> bool:
+        """Renew the lease in ``connection``'s transaction (``held`` is told once it commits)."""
         renewed = connection.execute(
             _RENEW, {"replica": self.replica, "now": now, "until": now + self.lease}
         ).rowcount
@@ -142,6 +160,7 @@ class Ledger:
 
     def leave(self) -> list[RunRecord]:
         """Deregister; runs still in progress here are recorded ``cancelled`` and returned."""
+        self.held.ended()
         now = self._clock()
         with self._transaction() as connection:
             open_runs = self._open_runs(connection, self.replica)
@@ -174,14 +193,19 @@ class Ledger:
         """Several claims in one transaction (each as :meth:`claim` would make it)."""
         if not any(request.scheduled for request in requests):
             return [[] for _ in requests]
-        now = self._clock()
+        sent_at, now = self._monotonic(), self._clock()
         locks = {f"corral:task:{request.task}" for request in requests}
         with self._transaction(lock=locks) as connection:
             # A replica claims only while registered: a run is never left without a lease.
-            self._touch(connection, now)
-            return [self._claim(connection, request, now) for request in requests]
+            renewed = self._touch(connection, now)
+            term = self.held.term + (0 if renewed else 1)  # the term these runs are claimed in
+            results = [self._claim(connection, request, now, term) for request in requests]
+        self.held.renewed(sent_at, fresh=not renewed)
+        return results
 
-    def _claim(self, connection: Any, request: ClaimRequest, now: float) -> list[ClaimResult]:
+    def _claim(
+        self, connection: Any, request: ClaimRequest, now: float, term: int
+    ) -> list[ClaimResult]:
         task, max_instances, attempt = request.task, request.max_instances, request.attempt
         batch = uuid.uuid4().hex
         results: list[ClaimResult] = []
@@ -216,7 +240,7 @@ class Ledger:
             if run_id is None:
                 results.append(ClaimResult(moment, Claim.TAKEN))
                 continue
-            results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id))
+            results.append(ClaimResult(moment, Claim.FULL if full else Claim.WON, run_id, term))
         return results
 
     def start(

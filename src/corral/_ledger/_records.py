@@ -50,6 +50,8 @@ class ClaimResult:
     scheduled: datetime
     claim: Claim
     run_id: int | None = None
+    term: int = 0
+    """The term of this replica's lease the run was claimed in (``HeldLease``)."""
 
 
 @dataclass(frozen=True)
