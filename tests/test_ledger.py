@@ -164,6 +164,25 @@ def test_a_replica_knows_until_when_its_lease_surely_holds_and_in_which_term(
         b.close()
 
 
+def test_a_replica_that_claims_before_it_could_join_keeps_its_term_when_it_joins(
+    database_url: str, clock: Clock
+) -> None:
+    """A claim registers a replica that could not join yet (the database was away when it
+    started); joining later renews that registration in the same term, so the runs claimed
+    meanwhile still hold."""
+    first = Ledger(database_url, lease=10, clock=clock, monotonic=clock)
+    late = Ledger(database_url, lease=10, clock=clock, monotonic=clock)
+    try:
+        first.join()  # (the tables)
+        [claimed] = late.claim("sync", [at(0)], max_instances=5)
+        assert claimed.term == 1
+        late.join()
+        assert late.held.term == 1 and late.held.holds(1)
+    finally:
+        first.close()
+        late.close()
+
+
 def test_a_lost_run_can_be_claimed_again_as_a_new_attempt(
     replicas: list[Ledger], clock: Clock
 ) -> None:

@@ -305,12 +305,12 @@ def test_a_job_under_a_lease_starts_only_if_the_lease_holds_when_its_turn_comes(
     however long the job waited behind another: one whose term no longer holds by then is not
     run and ends cancelled, never started; jobs under the current term, or under none, run."""
     pool = make_pool(workers=1)
-    pool.hold_lease(1, time.monotonic() + 3600)
+    pool.hold_lease(1, 3600)
     gate, holder = hold_the_only_worker(pool, tmp_path)
     marks = [tmp_path / f"ran-{index}" for index in range(4)]
     old = pool.submit(jobs.create, str(marks[0]), lease=1)
     wait_until(lambda: waiting(pool) == 1, what="the job sent behind the long one")
-    pool.hold_lease(2, time.monotonic() + 3600)  # a new term: term 1's jobs may not start
+    pool.hold_lease(2, 3600)  # a new term: term 1's jobs may not start
     current = pool.submit(jobs.create, str(marks[1]), lease=2)
     free = pool.submit(jobs.create, str(marks[2]))
     gate.release()
@@ -320,7 +320,7 @@ def test_a_job_under_a_lease_starts_only_if_the_lease_holds_when_its_turn_comes(
     assert error.value.started is False
     assert not marks[0].exists()
     assert current.result(30) == free.result(30)  # the same worker ran both
-    pool.hold_lease(2, time.monotonic() - 1)  # term 2 expired (not renewed in time)
+    pool.hold_lease(2, -1)  # term 2 expired (not renewed in time)
     with pytest.raises(JobCancelledError):
         pool.submit(jobs.create, str(marks[3]), lease=2).result(30)
     assert not marks[3].exists()

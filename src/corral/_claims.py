@@ -5,8 +5,8 @@ send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one t
    <- on the loop: won -> the executor runs it; taken -> skipped quietly; full -> skipped,
       TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
 outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.hold -> Ledger.finish;
-   while the lease the run was claimed under surely holds, the event goes on at once; past
-   that, it is held until the ledger says the run was still this replica's (dispatched), or
+   while the run's lease surely holds and the database answers, the event goes on at once;
+   else it is held until the ledger says the run was still this replica's (dispatched), or
    that another replica reported it lost (dropped: that report was the run's outcome)
 lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
                            rerun_lost tasks are claimed again (attempt + 1) and run here;
@@ -163,7 +163,7 @@ class Claims:
     def hold(self, event: Any) -> bool:
         """Whether to keep ``event`` back (the scheduler's ``dispatch_event`` asks): asyncz's
         TASK_SUBMITTED of a fire being claimed, until the claim is decided; the outcome of a
-        claimed run, until the ledger has it, if the run's lease may have expired (``finish``).
+        claimed run, until the ledger has it (``_finish``).
         """
         if getattr(event, "task_id", None) is None:
             return False
@@ -301,11 +301,13 @@ class Claims:
     def _finish(self, event: Any) -> bool:
         """Record the outcome of a claimed run in the ledger; ``True``: hold its event.
 
-        While the lease the run was claimed under surely holds, no other replica can have
-        reported the run lost: the event goes on at once. Past that (the process was stopped,
-        or could not renew its lease), it may have been: the event waits for the ledger's
-        answer, and is dispatched only if the run was still this replica's. Otherwise the run's
-        ``ReplicaLostError``, dispatched by the replica that reaped it, was its one outcome."""
+        While the lease the run was claimed under surely holds and the database answers (no
+        outcome waits for it), no other replica can have reported the run lost: the event goes
+        on at once. Otherwise (the process was stopped, or cut off from the database), it may
+        have been: the event waits for the ledger's answer, and is dispatched only if the run
+        was still this replica's. Else its ``ReplicaLostError``, dispatched by the replica that
+        reaped it, was its one outcome. Once the coordinator has stopped, nothing can be
+        recorded: the event goes on at once."""
         scheduled = getattr(event, "scheduled_run_time", None)
         if event is self._passing or not isinstance(scheduled, datetime):
             return False
@@ -313,7 +315,9 @@ class Claims:
         if run is None:
             return False
         status, error = _status_of(event)
-        if self.lease.holds(run.term):
+        if self.coordinator.stopped:
+            return False
+        if self.lease.holds(run.term) and self.coordinator.settled():
             self.coordinator.finish(
                 run.run_id,
                 status,
@@ -324,7 +328,7 @@ class Claims:
             return False
         self._unconfirmed[run.run_id] = event
 
-        def recorded(was_recorded: bool) -> None:
+        def recorded(was_recorded: bool | None) -> None:
             self._call_soon(self._confirmed, run.run_id, was_recorded)
 
         self.coordinator.finish(
@@ -337,11 +341,14 @@ class Claims:
         )
         return True
 
-    def _confirmed(self, run_id: int, was_recorded: bool) -> None:
+    def _confirmed(self, run_id: int, was_recorded: bool | None) -> None:
+        """The ledger's answer for a held outcome: recorded (``True``), or not written at all
+        (``None``: the coordinator stopped, or gave it up): dispatched; the run had been
+        reported lost (``False``): dropped."""
         event = self._unconfirmed.pop(run_id, None)
         if event is None:
             return
-        if not was_recorded:
+        if was_recorded is False:
             logger.warning(
                 "The outcome of task %r (run time %s) is not reported by this replica: its "
                 "lease expired before the run ended, and another replica reported the run lost "
@@ -360,7 +367,7 @@ class Claims:
         """After the coordinator stopped: log the outcomes still held (the database could not
         tell whether another replica had reported their runs lost; one that did not will, once
         it reaches the database and finds this replica's lease expired)."""
-        for event in self._unconfirmed.values():
+        for event in list(self._unconfirmed.values()):
             logger.warning(
                 "The outcome of task %r (run time %s) is not reported by this replica: its "
                 "lease expired before the run ended, and the database could not be reached at "
@@ -410,15 +417,17 @@ class Claims:
                 pid=run.pid,
             )
             logger.error("%s", exc)
-            self.scheduler.dispatch_event(
-                TaskExecutionEvent(
-                    code=TASK_ERROR,
-                    task_id=run.task,
-                    store="default",
-                    scheduled_run_time=run.scheduled,
-                    exception=exc,
-                )
+            self._passing = TaskExecutionEvent(  # (not the outcome of a run of this replica's)
+                code=TASK_ERROR,
+                task_id=run.task,
+                store="default",
+                scheduled_run_time=run.scheduled,
+                exception=exc,
             )
+            try:
+                self.scheduler.dispatch_event(self._passing)
+            finally:
+                self._passing = None
             if self.rerun_lost(run.task):
                 self._rerun(run.task, [run.scheduled], run.attempt + 1)
 

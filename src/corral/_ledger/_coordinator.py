@@ -44,7 +44,7 @@ from corral._ledger._schema import safe_url
 logger = logging.getLogger("corral.ledger")
 
 Done = Callable[[Any, BaseException | None], None]
-_Finish = tuple[Outcome, Callable[[bool], None] | None]  # an outcome, and who waits for it
+_Finish = tuple[Outcome, Callable[[bool | None], None] | None]  # an outcome, and who waits
 
 
 class ClaimWithdrawn(Exception):
@@ -120,6 +120,8 @@ class Coordinator:
         self._counts = collections.Counter[str]()
         self._last_prune = 0.0
         self._joined = False
+        self.stopped = False
+        """``stop`` was called: no outcome is taken any more."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -140,10 +142,14 @@ class Coordinator:
     def stop(self, timeout: float | None = 10.0) -> list[RunRecord]:
         """Record what is queued, leave the ledger and close it; returns runs left in progress
         (recorded ``cancelled``). Blocking: call it off the event loop."""
+        self.stopped = True
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(_STOP)
             thread.join(timeout)
+        # Outcomes queued as it stopped, after the thread's last look: recorded below too.
+        left_over = [item for item in self._more() if item is not _STOP and item[0] == "finish"]
+        self._pending.extend((outcome, done) for _, outcome, done in left_over)
         left: list[RunRecord] = []
         try:
             if not self._joined:
@@ -194,15 +200,25 @@ class Coordinator:
         error: str | None = None,
         worker_pid: int | None = None,
         started_at: float | None = None,
-        recorded: Callable[[bool], None] | None = None,
+        recorded: Callable[[bool | None], None] | None = None,
     ) -> None:
         """Record a run's outcome (kept and retried while the database is away).
 
         ``recorded(True)`` is called on the thread once it is recorded; ``recorded(False)`` if
-        the run was no longer in progress (another replica had reported it lost). Not called
-        if the coordinator stops before the database could tell."""
+        the run was no longer in progress (another replica had reported it lost);
+        ``recorded(None)`` if it never will be (the coordinator had stopped, or gave the outcome
+        up: ``PENDING_LIMIT``). Not called if the coordinator stops while the database is away.
+        """
         outcome = Outcome(run_id, status, error, worker_pid, started_at, time.time())
+        if self.stopped:
+            if recorded is not None:
+                recorded(None)
+            return
         self._queue.put(("finish", outcome, recorded))
+
+    def settled(self) -> bool:
+        """Whether the database answered the last call and no outcome waits to be recorded."""
+        return self._available and not self._pending
 
     def statistics(self) -> LedgerStatistics:
         counts = self._counts
@@ -325,8 +341,10 @@ class Coordinator:
         except (SQLAlchemyError, OSError):
             self._pending.extend(outcomes)
             while len(self._pending) > PENDING_LIMIT:
-                dropped, _ = self._pending.popleft()
+                dropped, done = self._pending.popleft()
                 logger.error("corral dropped the unrecorded outcome of run %s", dropped.run_id)
+                if done is not None:
+                    done(None)
             raise
 
     def _record(self, outcomes: list[_Finish]) -> None:

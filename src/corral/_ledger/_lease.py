@@ -1,11 +1,12 @@
 """``HeldLease``: what a replica knows of its own lease without asking the database.
 
 Other replicas reap this one once its ``lease_until`` (their wall clock) has passed. This
-replica wrote ``lease_until = wall time when the write began + lease``, so on its own monotonic
-clock the lease surely holds until ``monotonic time when the write began + lease`` (less
-``margin``, for clocks that disagree a little). Past that, another replica may have reported its
-runs in progress lost (and rerun them): nothing of such a run may start or be reported here
-until the database says whether it did.
+replica wrote ``lease_until = wall time when the write began + lease``, so on its own clock
+(``lease_clock``, which goes on while the machine is suspended) the lease surely holds until
+``that clock when the write began + lease`` (less ``margin``, for clocks that disagree a
+little). Past that, another replica may have reported its runs in progress lost (and rerun
+them): nothing of such a run may start or be reported here until the database says whether it
+did.
 
 Each registration is a new *term*: a replica whose lease expired and that registers again holds
 a new term, and runs claimed under the old one were reaped. A run is covered by the term it was
@@ -19,13 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
+
+from corral._clock import lease_clock
 
 logger = logging.getLogger("corral.ledger")
 
 Watcher = Callable[[int, float], None]
-"""Called with (term, holds until, on ``time.monotonic()``) each time the lease changes."""
+"""Called with (term, seconds it holds from now) each time the lease changes."""
 
 
 def margin_of(lease: float) -> float:
@@ -39,10 +41,10 @@ class HeldLease:
 
     Args:
         lease: The lease's length, in seconds.
-        clock: ``time.monotonic`` (replaceable in tests).
+        clock: ``lease_clock`` (replaceable in tests).
     """
 
-    def __init__(self, lease: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, lease: float, *, clock: Callable[[], float] = lease_clock) -> None:
         self.lease = lease
         self.margin = margin_of(lease)
         self.clock = clock
@@ -76,7 +78,7 @@ class HeldLease:
         stops it."""
         with self._lock:
             self._watchers.append(watcher)
-            watcher(*self.state)
+            watcher(self.state[0], self.state[1] - self.clock())
 
         def unwatch() -> None:
             with self._lock:
@@ -87,8 +89,9 @@ class HeldLease:
 
     def _set(self, term: int, until: float) -> None:
         self.state = (term, until)
+        left = until - self.clock()
         for watcher in list(self._watchers):
             try:
-                watcher(term, until)
+                watcher(term, left)
             except Exception:  # a watcher's bug is its own: the lease was renewed
                 logger.exception("corral lease watcher %r failed", watcher)

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, and_, bindparam, delete, func, select, update
 
+from corral._clock import lease_clock
 from corral._ledger._lease import HeldLease
 from corral._ledger._records import (
     Claim,
@@ -85,7 +86,7 @@ class Ledger:
         url: ``sqlite:///path/to/corral.db`` or ``postgresql://user:password@host/dbname``.
         lease: Seconds a replica stays alive in the others' eyes without renewing its lease.
         clock: Wall-clock seconds since the epoch (replaceable in tests).
-        monotonic: ``time.monotonic`` (replaceable in tests): what ``held`` is measured on.
+        monotonic: ``lease_clock`` (replaceable in tests): what ``held`` is measured on.
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class Ledger:
         *,
         lease: float = DEFAULT_LEASE,
         clock: Any = time.time,
-        monotonic: Any = time.monotonic,
+        monotonic: Any = lease_clock,
     ) -> None:
         self.url = url
         self.lease = lease
@@ -119,13 +120,13 @@ class Ledger:
     # -- this replica ---------------------------------------------------------------------------
 
     def join(self) -> None:
-        """Create the tables if needed and register this replica with a fresh lease."""
+        """Create the tables if needed and register this replica with a fresh lease (renew it,
+        in the same term, if a claim made while it could not join registered it already)."""
         self._ensure_tables()
         sent_at, now = self._monotonic(), self._clock()
         with self._transaction() as connection:
-            connection.execute(delete(replicas).where(replicas.c.id == self.replica))
-            self._register(connection, now)
-        self.held.renewed(sent_at, fresh=True)
+            renewed = self._touch(connection, now)
+        self.held.renewed(sent_at, fresh=not renewed)
 
     def renew(self) -> bool:
         """Extend this replica's lease; ``False`` if it had expired and others removed it

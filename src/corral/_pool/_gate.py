@@ -8,8 +8,10 @@ someone else, however long its parent has not been heard from.
 
 The lease lives in one page of memory shared by the pool and its workers (a file with no name,
 passed to each worker at its start): one aligned 8-byte word, written and read whole, holds the
-term (low 16 bits) and until when it holds (the high bits: milliseconds of ``time.monotonic()``,
-which every process of the machine shares, rounded down). No word: no job under a lease starts.
+term (low 16 bits) and until when it holds (the high bits: milliseconds of ``lease_clock()``,
+which every process of the machine shares and which goes on while the machine is suspended,
+rounded down). No word: no job under a lease starts. Terms are compared modulo 2**16: a job
+would have to wait through 65,536 new terms to be taken for one of the current term.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import struct
 import tempfile
 import threading
 
+from corral._clock import lease_clock
+
 _WORD = struct.Struct("=Q")  # native: one aligned load or store
 _TERM_BITS = 16
 _TERM_MASK = (1 << _TERM_BITS) - 1
@@ -27,15 +31,18 @@ NO_LEASE = -1
 """The lease of a job that starts whatever the gate says (in a JOB frame)."""
 
 
+_MAX_MS = (1 << (64 - _TERM_BITS)) - 1
+
+
 def _word(term: int, until: float) -> int:
-    if until <= 0 or until != until:  # not held (or NaN)
+    if not until > 0:  # not held (or NaN)
         return 0
-    until_ms = min(int(until * 1000), (1 << (64 - _TERM_BITS)) - 1)
+    until_ms = _MAX_MS if until * 1000 >= _MAX_MS else int(until * 1000)
     return (until_ms << _TERM_BITS) | (term & _TERM_MASK)
 
 
 def admits(word: int, term: int, now: float) -> bool:
-    """Whether a job submitted under ``term`` may start at ``now`` (``time.monotonic()``)."""
+    """Whether a job submitted under ``term`` may start at ``now`` (``lease_clock()``)."""
     return (
         word != 0
         and (word & _TERM_MASK) == (term & _TERM_MASK)
@@ -57,12 +64,12 @@ class Gate:
             os.close(self._fd)
             raise
 
-    def hold(self, term: int, until: float) -> None:
-        """Jobs submitted under ``term`` may start until ``until`` (``time.monotonic()``); jobs
-        under any other term may not start any more."""
+    def hold(self, term: int, seconds: float) -> None:
+        """Jobs submitted under ``term`` may start for ``seconds`` more; jobs under any other
+        term may not start any more."""
         with self._lock:
             if self._map is not None:
-                _WORD.pack_into(self._map, 0, _word(term, until))
+                _WORD.pack_into(self._map, 0, _word(term, lease_clock() + seconds))
 
     def dup(self) -> int:
         """A new descriptor of the page, for a worker; raises ``OSError`` once closed."""

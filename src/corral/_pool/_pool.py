@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 import anyio.to_thread
 
+from corral._clock import lease_clock
 from corral._constants import DEFAULT
 from corral._exceptions import PoolNotRunningError, SerializationError
 from corral._pool import _launch
@@ -77,7 +78,8 @@ class Pool:
                 return
             context = _launch.context(self.settings.start_method, self.settings.preload)
             self._supervisor = Supervisor(self.settings, context, self.name)
-            self._supervisor.gate.hold(*self._lease)
+            term, until = self._lease
+            self._supervisor.gate.hold(term, until - lease_clock())
             self._supervisor.start()
             _live_pools.add(self)
 
@@ -363,15 +365,17 @@ class Pool:
         if supervisor is not None and future.running():
             supervisor.kill_job(future.job_id)
 
-    def hold_lease(self, term: int, until: float) -> None:
-        """Jobs submitted with ``lease=term`` may start until ``until`` (``time.monotonic()``);
-        those submitted under another term may not start any more. For work that must not
-        start once what it was given for may have passed to someone else: a fire claimed under
-        a replica's lease, for example. Cheap, and safe from any thread."""
+    def hold_lease(self, term: int, seconds: float) -> None:
+        """Jobs submitted with ``lease=term`` may start for ``seconds`` more (time the machine
+        spends suspended counts); those submitted under another term may not start any more.
+        For work that must not start once what it was given for may have passed to someone
+        else: a fire claimed under a replica's lease, for example. Cheap, and safe from any
+        thread."""
+        until = lease_clock() + seconds
         self._lease = (term, until)
         supervisor = self._supervisor
         if supervisor is not None:
-            supervisor.gate.hold(term, until)
+            supervisor.gate.hold(term, seconds)
 
     def has_idle_worker(self) -> bool:
         """Whether a worker is free now and nothing waits for one (a hint: it may change at

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any
 
+from corral._clock import lease_clock
 from corral._exceptions import JobExitError, SerializationError
 from corral._pool import _messages as msg
 from corral._pool._gate import NO_LEASE, GateReader
@@ -343,10 +344,9 @@ def worker_main(
     kept = _Kept(streams)
     while (job := inbox.next_job()) is not None:
         job_id, start_by, term, body = job
-        now = time.monotonic()
-        if now > start_by:  # never true for NaN (no deadline)
+        if time.monotonic() > start_by:  # never true for NaN (no deadline)
             reply = msg.ID_HEAD.pack(msg.MISSED, job_id)
-        elif term != NO_LEASE and not lease.admits(term, now):
+        elif term != NO_LEASE and not lease.admits(term, lease_clock()):
             reply = msg.ID_HEAD.pack(msg.LAPSED, job_id)
         else:
             reply, runner = _run_job(job_id, body, runner, main, replies)
