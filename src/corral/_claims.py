@@ -21,6 +21,7 @@ run what comes back won.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -317,28 +318,23 @@ class Claims:
         status, error = _status_of(event)
         if self.coordinator.stopped:
             return False
+        record = functools.partial(
+            self.coordinator.finish,
+            run.run_id,
+            status,
+            error=error,
+            worker_pid=run.worker_pid,
+            started_at=run.started_at,
+        )
         if self.lease.holds(run.term) and self.coordinator.settled():
-            self.coordinator.finish(
-                run.run_id,
-                status,
-                error=error,
-                worker_pid=run.worker_pid,
-                started_at=run.started_at,
-            )
+            record()
             return False
         self._unconfirmed[run.run_id] = event
 
         def recorded(was_recorded: bool | None) -> None:
             self._call_soon(self._confirmed, run.run_id, was_recorded)
 
-        self.coordinator.finish(
-            run.run_id,
-            status,
-            error=error,
-            worker_pid=run.worker_pid,
-            started_at=run.started_at,
-            recorded=recorded,
-        )
+        record(recorded=recorded)
         return True
 
     def _confirmed(self, run_id: int, was_recorded: bool | None) -> None:
