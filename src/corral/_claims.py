@@ -303,7 +303,7 @@ class Claims:
         """Record the outcome of a claimed run in the ledger; ``True``: hold its event.
 
         While the lease the run was claimed under surely holds and the database answers (no
-        outcome waits for it), no other replica can have reported the run lost: the event goes
+        outcome waits for it), no other replica has reported the run lost yet: the event goes
         on at once. Otherwise (the process was stopped, or cut off from the database), it may
         have been: the event waits for the ledger's answer, and is dispatched only if the run
         was still this replica's. Else its ``ReplicaLostError``, dispatched by the replica that
