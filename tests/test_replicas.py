@@ -236,9 +236,10 @@ def test_a_replica_paused_past_its_lease_neither_starts_nor_reports_the_runs_rea
     cluster_of: Callable[..., Cluster],
 ) -> None:
     """A replica stopped (SIGSTOP) with a run in its worker and fires queued behind it. Another
-    reports them lost and reruns them. Resumed, the stopped one starts none of its queued runs
-    (its worker finds their lease lapsed) and dispatches no outcome event for any of them: the
-    ReplicaLostError was their outcome. Every queued fire runs exactly once, on the other."""
+    reports them lost and reruns them. The stopped one starts none of its queued runs: while it
+    is stopped its worker waits, and once it runs again their lease has lapsed. It dispatches
+    no outcome event for any of them: the ReplicaLostError was their outcome. Every queued fire
+    runs exactly once, on the other."""
     cluster = cluster_of("backlog", CORRAL_REPLICA_LEASE="2", CORRAL_TEST_RERUN="1")
     paused = cluster.start("--log-format", "json")
 
@@ -266,6 +267,9 @@ def test_a_replica_paused_past_its_lease_neither_starts_nor_reports_the_runs_rea
         stranded = {r.id: r for r in claimed_by(paused.pid)}  # nothing changes them now
         started = [r for r in stranded.values() if r.worker_pid]
         assert len(started) == 1 and len(stranded) >= 3, stranded
+        # Its worker, not stopped with it, finishes its run now, while the lease still holds:
+        # it waits for the replica to run again before it starts another.
+        cluster.release.touch()
         wait_until(
             lambda: all(r.status == "lost" for r in cluster.runs("backlog") if r.id in stranded),
             timeout=60,
@@ -273,7 +277,6 @@ def test_a_replica_paused_past_its_lease_neither_starts_nor_reports_the_runs_rea
         )
     finally:
         os.kill(paused.pid, signal.SIGCONT)
-    cluster.release.touch()
 
     def reruns() -> list[RunRecord]:
         scheduled = {r.scheduled for r in stranded.values()}

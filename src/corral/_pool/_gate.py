@@ -87,13 +87,41 @@ class Gate:
 
 
 class GateReader:
-    """A worker's side: reads the lease before it starts a job submitted under one."""
+    """A worker's side: reads the lease before it starts a job submitted under one.
 
-    def __init__(self, fd: int | None) -> None:
+    While the app is stopped (SIGSTOP), it cannot renew its lease, and another replica takes
+    the job's run once the lease lapses: the worker waits then, and starts the job only once
+    the app runs again with the lease still held. (Its workers are not stopped with it.)
+    """
+
+    def __init__(self, fd: int | None, app_pid: int) -> None:
         self._map = None if fd is None else mmap.mmap(fd, mmap.PAGESIZE, prot=mmap.PROT_READ)
+        self._app_stat = f"/proc/{app_pid}/stat"
 
-    def admits(self, term: int, now: float) -> bool:
-        return self._map is not None and admits(_WORD.unpack_from(self._map, 0)[0], term, now)
+    def admits(self, term: int) -> bool:
+        """Whether a job submitted under ``term`` may start now (waiting while the app is
+        stopped)."""
+        pause = threading.Event()
+        while self._map is not None:
+            if not admits(_WORD.unpack_from(self._map, 0)[0], term, lease_clock()):
+                return False
+            if not _stopped(self._app_stat):
+                return True
+            pause.wait(_STOPPED_POLL)
+        return False
+
+
+_STOPPED_POLL = 0.05  # seconds between two looks at a stopped app
+
+
+def _stopped(stat: str) -> bool:
+    """Whether the process of this ``/proc/<pid>/stat`` is stopped (where there is ``/proc``)."""
+    try:
+        with open(stat, "rb") as source:
+            state = source.read().rpartition(b")")[2][1:2]
+    except OSError:
+        return False
+    return state in (b"T", b"t")
 
 
 def _anonymous_file() -> int:

@@ -28,7 +28,6 @@ from multiprocessing.connection import Connection
 from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any
 
-from corral._clock import lease_clock
 from corral._exceptions import JobExitError, SerializationError
 from corral._pool import _messages as msg
 from corral._pool._gate import NO_LEASE, GateReader
@@ -314,7 +313,7 @@ def worker_main(
     with contextlib.suppress(PermissionError):  # already a group leader if its launcher made it one
         os.setsid()  # own process group: killed as one, and out of reach of the terminal's Ctrl-C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    lease = GateReader(None if gate is None else gate.fileno())
+    lease = GateReader(None if gate is None else gate.fileno(), options.parent_pid)
     if gate is not None:
         gate.close()
     channel = _Channel(conn)
@@ -346,7 +345,7 @@ def worker_main(
         job_id, start_by, term, body = job
         if time.monotonic() > start_by:  # never true for NaN (no deadline)
             reply = msg.ID_HEAD.pack(msg.MISSED, job_id)
-        elif term != NO_LEASE and not lease.admits(term, lease_clock()):
+        elif term != NO_LEASE and not lease.admits(term):
             reply = msg.ID_HEAD.pack(msg.LAPSED, job_id)
         else:
             reply, runner = _run_job(job_id, body, runner, main, replies)
