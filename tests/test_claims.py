@@ -700,3 +700,36 @@ async def test_a_thread_or_asyncio_run_starts_only_while_its_claims_lease_holds(
     with pytest.raises(JobCancelledError, match="async_job was not started"):
         await async_run("d")
     assert ran == ["a", "b"]
+
+
+def test_the_database_does_not_count_as_answering_while_a_call_waits_for_it_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database cut off is not known to be away until a call fails, which may take a whole
+    connect timeout: meanwhile an outcome must not be taken as safely recorded (its event
+    waits for the ledger). A call that waits longer than ``slow_call`` makes the coordinator
+    unsettled until it ends."""
+    entered, release = threading.Event(), threading.Event()
+    claim_many = Ledger.claim_many
+
+    def stuck_claim(self: Ledger, requests: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return claim_many(self, requests)
+
+    monkeypatch.setattr(Ledger, "claim_many", stuck_claim)
+    ledger = Ledger(fresh_database("sqlite", tmp_path))
+    coordinator = Coordinator(ledger, on_lost=lambda _: None, slow_call=0.0)
+    coordinator.start()
+    answered = threading.Event()
+    try:
+        assert coordinator.settled()
+        coordinator.claim("sync", [datetime(2030, 1, 1, tzinfo=UTC)], 1, lambda *_: answered.set())
+        assert entered.wait(30)
+        assert not coordinator.settled()
+        release.set()
+        assert answered.wait(30)
+        assert coordinator.settled()
+    finally:
+        release.set()
+        coordinator.stop()
