@@ -733,3 +733,65 @@ def test_the_database_does_not_count_as_answering_while_a_call_waits_for_it_too_
     finally:
         release.set()
         coordinator.stop()
+
+
+async def test_a_rerun_claimed_beside_an_older_run_of_its_fire_keeps_its_own_outcome(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica back from a pause can claim a rerun of a fire whose older run, lost meanwhile,
+    is still in its worker. Each run's outcome is its own: the rerun's is recorded on the
+    rerun and dispatched; the lost run's is dropped, not taken for the rerun's."""
+    from asyncz.events import TaskExecutionEvent
+
+    from corral._claims import Claims
+
+    url = fresh_database("sqlite", tmp_path)
+    clock = _Clock()
+    ledger = Ledger(url, lease=600, clock=clock, monotonic=clock)  # (no renewal during the test)
+    coordinator = Coordinator(ledger, on_lost=lambda _: None)
+    scheduler, executor = _Scheduler(), _Executor()
+    claims = Claims(coordinator, scheduler, asyncio.get_running_loop(), lambda _: False)
+    scheduler.claims = claims
+    await asyncio.to_thread(coordinator.start)
+    reaper = Ledger(url, lease=600, clock=clock)
+    task = type("Task", (), {"id": "sync", "max_instances": 5, "store_alias": "default"})()
+    fire = datetime(2030, 1, 1, tzinfo=UTC)
+
+    async def claimed(count: int) -> int:
+        await _eventually(lambda: len(executor.won) >= count, "the claim won")
+        return executor.won[-1][1]
+
+    def outcome(value: str) -> Any:
+        return TaskExecutionEvent(
+            code=TASK_EXECUTED,
+            task_id="sync",
+            store="default",
+            scheduled_run_time=fire,
+            return_value=value,
+        )
+
+    def status(attempt: int) -> str:
+        [run] = [r for r in reaper.runs(task="sync") if r.attempt == attempt]
+        return run.status
+
+    try:
+        claims.claim(executor, task, [fire])
+        assert await claimed(1) == 1
+        clock.now += 700  # stopped past its lease; another replica reaps its run
+        reaper.join()
+        assert len(reaper.reap()) == 1
+        claims.claim(executor, task, [fire], attempt=1)  # back, it claims the rerun itself
+        assert await claimed(2) == 2
+        rerun, stale = outcome("rerun"), outcome("stale")
+        with caplog.at_level(logging.WARNING, logger="corral.ledger"):
+            claims.dispatch(rerun, 2)
+            claims.dispatch(stale, 1)
+            await _eventually(lambda: status(1) == "executed", "the rerun's outcome recorded")
+            await _eventually(
+                lambda: "is not reported by this replica" in caplog.text, "the stale one dropped"
+            )
+        assert status(0) == "lost"
+        assert scheduler.dispatched == [rerun]
+    finally:
+        await asyncio.to_thread(coordinator.stop)
+        reaper.close()

@@ -108,7 +108,9 @@ class Claims:
         self.loop = loop
         self._delivery = Delivery.of(loop)  # (a shutdown that blocks the loop serves it)
         self.rerun_lost = rerun_lost
-        self._open: dict[tuple[str, int], _OpenRun] = {}
+        # Runs claimed here and not over, by fire; a fire has more than one when this replica
+        # claimed a rerun of it while an older run of it, lost meanwhile, was still here.
+        self._open: dict[tuple[str, int], list[_OpenRun]] = {}
         # asyncz's TASK_SUBMITTED for fires being claimed, held until the claim is decided:
         # dispatched when this replica won, dropped when another did.
         self._held: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
@@ -230,7 +232,8 @@ class Claims:
             return
         for result in won:
             assert result.run_id is not None
-            self._open[(task_id, micros(result.scheduled))] = _OpenRun(result.run_id, result.term)
+            key = (task_id, micros(result.scheduled))
+            self._open.setdefault(key, []).append(_OpenRun(result.run_id, result.term))
         executor.run_claimed(
             task,
             [r.scheduled for r in won],
@@ -274,12 +277,14 @@ class Claims:
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def skip(self, task: TaskType, run_times: list[datetime], error: BaseException) -> None:
-        """Fires won that this replica's executor refused (its own instance limit): recorded
-        ``skipped``, reported as asyncz reports a run past ``max_instances``."""
+    def skip(
+        self, task: TaskType, run_times: list[datetime], error: BaseException, term: int
+    ) -> None:
+        """Fires won in ``term`` that this replica's executor refused (its own instance
+        limit): recorded ``skipped``, reported as asyncz reports a run past ``max_instances``."""
         task_id = str(task.id)
         for run_time in run_times:
-            run = self._open.pop((task_id, micros(run_time)), None)
+            run = self._take(task_id, run_time, term)
             if run is not None:
                 self.coordinator.finish(run.run_id, "skipped", error=str(error))
         self.scheduler.dispatch_event(
@@ -292,14 +297,31 @@ class Claims:
             )
         )
 
-    def started(self, task_id: str, run_time: datetime, worker_pid: int | None, at: float) -> None:
-        """Record where and when a claimed run started (once; any thread, never blocks)."""
-        run = self._open.get((task_id, micros(run_time)))
+    def started(
+        self, task_id: str, run_time: datetime, worker_pid: int | None, at: float, term: int
+    ) -> None:
+        """Record where and when the run of a fire claimed in ``term`` started (once; any
+        thread, never blocks)."""
+        run = self._find(task_id, run_time, term)
         if run is not None and run.worker_pid is None:
             run.worker_pid, run.started_at = worker_pid, at
             self.coordinator.started(run.run_id, worker_pid, at)
 
-    def _finish(self, event: Any) -> bool:
+    def dispatch(self, event: Any, term: int) -> None:
+        """Dispatch the outcome event of a fire claimed in ``term`` (as ``hold`` does for an
+        event it meets, but knowing which of the fire's runs it is about)."""
+        if not self._finish(event, term):
+            self._pass(event)
+
+    def _pass(self, event: Any) -> None:
+        """Dispatch ``event`` past ``hold``: it was decided here."""
+        self._passing = event
+        try:
+            self.scheduler.dispatch_event(event)
+        finally:
+            self._passing = None
+
+    def _finish(self, event: Any, term: int | None = None) -> bool:
         """Record the outcome of a claimed run in the ledger; ``True``: hold its event.
 
         While the lease the run was claimed under surely holds and the database answers (no
@@ -312,7 +334,7 @@ class Claims:
         scheduled = getattr(event, "scheduled_run_time", None)
         if event is self._passing or not isinstance(scheduled, datetime):
             return False
-        run = self._open.pop((str(event.task_id), micros(scheduled)), None)
+        run = self._take(str(event.task_id), scheduled, term)
         if run is None:
             return False
         status, error = _status_of(event)
@@ -353,11 +375,7 @@ class Claims:
                 event.scheduled_run_time,
             )
             return
-        self._passing = event
-        try:
-            self.scheduler.dispatch_event(event)
-        finally:
-            self._passing = None
+        self._pass(event)
 
     def unconfirmed(self) -> None:
         """After the coordinator stopped: log the outcomes still held (the database could not
@@ -413,17 +431,15 @@ class Claims:
                 pid=run.pid,
             )
             logger.error("%s", exc)
-            self._passing = TaskExecutionEvent(  # (not the outcome of a run of this replica's)
-                code=TASK_ERROR,
-                task_id=run.task,
-                store="default",
-                scheduled_run_time=run.scheduled,
-                exception=exc,
+            self._pass(  # (not the outcome of a run of this replica's)
+                TaskExecutionEvent(
+                    code=TASK_ERROR,
+                    task_id=run.task,
+                    store="default",
+                    scheduled_run_time=run.scheduled,
+                    exception=exc,
+                )
             )
-            try:
-                self.scheduler.dispatch_event(self._passing)
-            finally:
-                self._passing = None
             if self.rerun_lost(run.task):
                 self._rerun(run.task, [run.scheduled], run.attempt + 1)
 
@@ -438,6 +454,25 @@ class Claims:
         if task is None:
             return
         self.claim(executor, task, scheduled, attempt=attempt)
+
+    def _find(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
+        """The open run of this fire claimed in ``term``; ``None``: the oldest (asyncz's own
+        executors' events do not say which)."""
+        runs = list(self._open.get((task_id, micros(scheduled)), ()))  # (from any thread)
+        if term is None:
+            return runs[0] if runs else None
+        return next((run for run in runs if run.term == term), None)
+
+    def _take(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
+        """:meth:`_find`, and the run is no longer open."""
+        run = self._find(task_id, scheduled, term)
+        if run is not None:
+            key = (task_id, micros(scheduled))
+            runs = self._open[key]
+            runs.remove(run)
+            if not runs:
+                del self._open[key]
+        return run
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         self._delivery.call(callback, *args)

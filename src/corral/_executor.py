@@ -283,7 +283,7 @@ class _ClaimsFirst:
             super().send_task(task, run_times)  # type: ignore[misc]
         except MaximumInstancesError as exc:
             assert self.claims is not None
-            self.claims.skip(task, run_times, exc)
+            self.claims.skip(task, run_times, exc, term)
 
 
 class ThreadExecutor(_ClaimsFirst, _AsynczThreadPoolExecutor):

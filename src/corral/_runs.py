@@ -135,8 +135,8 @@ class RunExecutor(BaseExecutor):
 
     def _started(self, run: Run, run_time: datetime, future: Any) -> None:
         """A job started (on any thread, once): by default, recorded in the ledger."""
-        if self.claims is not None:
-            self.claims.started(run.task_id, run_time, future.worker_pid, time.time())
+        if self.claims is not None and run.term is not None:
+            self.claims.started(run.task_id, run_time, future.worker_pid, time.time(), run.term)
 
     # -- runs -----------------------------------------------------------------------------------
 
@@ -261,7 +261,10 @@ class RunExecutor(BaseExecutor):
                 else:
                     self._release(run)
             finally:
-                self.scheduler.dispatch_event(event)
+                if self.claims is not None and run.term is not None:
+                    self.claims.dispatch(event, run.term)  # (it knows which run of the fire)
+                else:
+                    self.scheduler.dispatch_event(event)
 
     def _log_outcome(self, run: Run, event: TaskExecutionEvent) -> None:
         if event.code == TASK_MISSED:
