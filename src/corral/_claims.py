@@ -108,9 +108,7 @@ class Claims:
         self.loop = loop
         self._delivery = Delivery.of(loop)  # (a shutdown that blocks the loop serves it)
         self.rerun_lost = rerun_lost
-        # Runs claimed here and not over, by fire; a fire has more than one when this replica
-        # claimed a rerun of it while an older run of it, lost meanwhile, was still here.
-        self._open: dict[tuple[str, int], list[_OpenRun]] = {}
+        self._open = _OpenRuns()
         # asyncz's TASK_SUBMITTED for fires being claimed, held until the claim is decided:
         # dispatched when this replica won, dropped when another did.
         self._held: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
@@ -121,7 +119,7 @@ class Claims:
         self._waiting: dict[tuple[str, tuple[int, ...]], asyncio.TimerHandle] = {}
         # Outcome events held until the ledger says whether their run was still this replica's.
         self._unconfirmed: dict[int, Any] = {}
-        self._passing: Any = None  # an event confirmed, being dispatched
+        self._passing: Any = None  # an event decided here, being dispatched
         coordinator.on_lost = self._on_lost_thread
 
     def ready(self) -> None:
@@ -232,8 +230,7 @@ class Claims:
             return
         for result in won:
             assert result.run_id is not None
-            key = (task_id, micros(result.scheduled))
-            self._open.setdefault(key, []).append(_OpenRun(result.run_id, result.term))
+            self._open.add(task_id, result.scheduled, _OpenRun(result.run_id, result.term))
         executor.run_claimed(
             task,
             [r.scheduled for r in won],
@@ -284,7 +281,7 @@ class Claims:
         limit): recorded ``skipped``, reported as asyncz reports a run past ``max_instances``."""
         task_id = str(task.id)
         for run_time in run_times:
-            run = self._take(task_id, run_time, term)
+            run = self._open.take(task_id, run_time, term)
             if run is not None:
                 self.coordinator.finish(run.run_id, "skipped", error=str(error))
         self.scheduler.dispatch_event(
@@ -302,7 +299,7 @@ class Claims:
     ) -> None:
         """Record where and when the run of a fire claimed in ``term`` started (once; any
         thread, never blocks)."""
-        run = self._find(task_id, run_time, term)
+        run = self._open.find(task_id, run_time, term)
         if run is not None and run.worker_pid is None:
             run.worker_pid, run.started_at = worker_pid, at
             self.coordinator.started(run.run_id, worker_pid, at)
@@ -334,7 +331,7 @@ class Claims:
         scheduled = getattr(event, "scheduled_run_time", None)
         if event is self._passing or not isinstance(scheduled, datetime):
             return False
-        run = self._take(str(event.task_id), scheduled, term)
+        run = self._open.take(str(event.task_id), scheduled, term)
         if run is None:
             return False
         status, error = _status_of(event)
@@ -455,31 +452,43 @@ class Claims:
             return
         self.claim(executor, task, scheduled, attempt=attempt)
 
-    def _find(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
-        """The open run of this fire claimed in ``term``; ``None``: the oldest (asyncz's own
-        executors' events do not say which)."""
-        runs = list(self._open.get((task_id, micros(scheduled)), ()))  # (from any thread)
-        if term is None:
-            return runs[0] if runs else None
-        return next((run for run in runs if run.term == term), None)
-
-    def _take(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
-        """:meth:`_find`, and the run is no longer open."""
-        run = self._find(task_id, scheduled, term)
-        if run is not None:
-            key = (task_id, micros(scheduled))
-            runs = self._open[key]
-            runs.remove(run)
-            if not runs:
-                del self._open[key]
-        return run
-
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         self._delivery.call(callback, *args)
 
 
 def _key(task_id: str, run_times: list[datetime]) -> tuple[str, tuple[int, ...]]:
     return task_id, tuple(micros(moment) for moment in run_times)
+
+
+class _OpenRuns:
+    """Runs claimed here and not over, by fire. A fire has more than one when this replica
+    claimed a rerun of it while an older run of it, lost meanwhile, was still here: each is
+    told apart by the term of the lease it was claimed in."""
+
+    def __init__(self) -> None:
+        self._by_fire: dict[tuple[str, int], list[_OpenRun]] = {}
+
+    def add(self, task_id: str, scheduled: datetime, run: _OpenRun) -> None:
+        self._by_fire.setdefault((task_id, micros(scheduled)), []).append(run)
+
+    def find(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
+        """The run of this fire claimed in ``term``; ``None``: the oldest (asyncz's own
+        executors' events do not say which). Safe from any thread."""
+        runs = list(self._by_fire.get((task_id, micros(scheduled)), ()))
+        if term is None:
+            return runs[0] if runs else None
+        return next((run for run in runs if run.term == term), None)
+
+    def take(self, task_id: str, scheduled: datetime, term: int | None) -> _OpenRun | None:
+        """:meth:`find`, and the run is over (on the loop)."""
+        run = self.find(task_id, scheduled, term)
+        if run is not None:
+            key = (task_id, micros(scheduled))
+            runs = self._by_fire[key]
+            runs.remove(run)
+            if not runs:
+                del self._by_fire[key]
+        return run
 
 
 class _OpenRun:

@@ -253,6 +253,7 @@ class Pool:
                 stage="arguments",
             ) from exc
         job_id = next(self._ids)
+        term = NO_LEASE if lease is None else lease
         now = time.monotonic()
         start_by = None if start_within is None else now + start_within
         future: JobFuture[Any] = JobFuture(job_id, label)
@@ -261,12 +262,12 @@ class Pool:
             id=job_id,
             label=label,
             reference=reference,
-            frame=job_frame(job_id, start_by, body, NO_LEASE if lease is None else lease),
+            frame=job_frame(job_id, start_by, body, term),
             timeout=timeout,
             start_by=start_by,
             future=future,
             submitted_at=now,
-            lease=NO_LEASE if lease is None else lease,
+            lease=term,
         )
         supervisor.submit(job)
         return future
