@@ -101,17 +101,17 @@ class GateReader:
     def admits(self, term: int) -> bool:
         """Whether a job submitted under ``term`` may start now (waiting while the app is
         stopped)."""
-        pause = threading.Event()
         while self._map is not None:
             if not admits(_WORD.unpack_from(self._map, 0)[0], term, lease_clock()):
                 return False
             if not _stopped(self._app_stat):
                 return True
-            pause.wait(_STOPPED_POLL)
+            _NEVER.wait(_STOPPED_POLL)
         return False
 
 
 _STOPPED_POLL = 0.05  # seconds between two looks at a stopped app
+_NEVER = threading.Event()  # (never set: waited on for a pause)
 
 
 def _stopped(stat: str) -> bool:
