@@ -4,9 +4,11 @@ from the winner only, run times agree, and the database going away is survivable
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -405,15 +407,7 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
     """asyncz's contract: runs handed over before ``shutdown()`` run. With a database, a fire
     is handed over when its claim is sent: the drain waits for the claim, then for the run."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = threading.Event(), threading.Event()
-    claim_many = Ledger.claim_many
-
-    def slow_claim(self: Ledger, requests: Any) -> Any:
-        entered.set()
-        release.wait(60)  # the database answers late
-        return claim_many(self, requests)
-
-    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    entered, release = _stall_claims(monkeypatch)  # the database answers late
     sched = Scheduler(config(url, mistrigger_grace_time=30))  # a busy machine's start is late
     sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
     await sched.start()
@@ -440,15 +434,9 @@ async def test_a_fire_being_claimed_when_a_blocking_shutdown_begins_on_the_loop_
     needs: the blocked thread settles the claim itself, and the fire runs before it returns
     (not cancelled at ``shutdown_timeout``, nor waited for forever without one)."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = threading.Event(), threading.Event()
-    claim_many = Ledger.claim_many
-
-    def slow_claim(self: Ledger, requests: Any) -> Any:
-        entered.set()
-        release.wait(60)  # the database answers once the shutdown has begun
-        return claim_many(self, requests)
-
-    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    entered, release = _stall_claims(
+        monkeypatch
+    )  # the database answers once the shutdown has begun
     sched = Scheduler(config(url, mistrigger_grace_time=30, shutdown_timeout=None))
     sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
     await sched.start()
@@ -523,15 +511,7 @@ async def test_a_claim_answered_late_does_not_make_its_fire_missed(
     """``mistrigger_grace_time`` measures how late the scheduler hands a fire over, not how long
     the database takes to answer its claim."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = threading.Event(), threading.Event()
-    claim_many = Ledger.claim_many
-
-    def slow_claim(self: Ledger, requests: Any) -> Any:
-        entered.set()
-        release.wait(60)
-        return claim_many(self, requests)
-
-    monkeypatch.setattr(Ledger, "claim_many", slow_claim)
+    entered, release = _stall_claims(monkeypatch)
     # A grace time that a busy machine's scheduler keeps (the task is added once it runs, so
     # its start is no lateness), and a claim answered later than it.
     sched = Scheduler(config(url, mistrigger_grace_time=3))
@@ -585,6 +565,74 @@ class _Executor:
         self.changed.set()
 
 
+class _Bench:
+    """``Claims`` over a real ledger (SQLite), with a stand-in scheduler and executor, clocks
+    the test moves, and a second replica's ledger (``reaper``) to reap this one. The lease is
+    10 minutes: the coordinator's own renewals (every third of it) do not come during a test,
+    which moves the clocks past it instead."""
+
+    task = type("Task", (), {"id": "sync", "max_instances": 5, "store_alias": "default"})()
+
+    def __init__(self, url: str) -> None:
+        from corral._claims import Claims
+
+        self.clock = _Clock()
+        ledger = Ledger(url, lease=600, clock=self.clock, monotonic=self.clock)
+        self.coordinator = Coordinator(ledger, on_lost=lambda _: None)
+        self.scheduler, self.executor = _Scheduler(), _Executor()
+        self.claims = Claims(
+            self.coordinator, self.scheduler, asyncio.get_running_loop(), lambda _: False
+        )
+        self.scheduler.claims = self.claims
+        self.reaper = Ledger(url, lease=600, clock=self.clock)
+
+    def claim(self, fires: list[datetime], attempt: int = 0) -> None:
+        self.claims.claim(self.executor, self.task, fires, attempt=attempt)
+
+    async def claimed(self, count: int) -> int:
+        """The term of the ``count``-th claim won, once it is."""
+        await _eventually(lambda: len(self.executor.won) >= count, "the claim won")
+        return self.executor.won[count - 1][1]
+
+    def outcome(self, fire: datetime, value: str = "") -> Any:
+        from asyncz.events import TaskExecutionEvent
+
+        return TaskExecutionEvent(
+            code=TASK_EXECUTED,
+            task_id="sync",
+            store="default",
+            scheduled_run_time=fire,
+            return_value=value,
+        )
+
+    def status(self, fire: datetime, attempt: int = 0) -> str:
+        [run] = [
+            r for r in self.reaper.runs(task="sync") if (r.scheduled, r.attempt) == (fire, attempt)
+        ]
+        return run.status
+
+    async def recorded(self, fire: datetime, attempt: int = 0) -> str:
+        """The status of a run once its outcome is recorded."""
+        await _eventually(lambda: self.status(fire, attempt) != "claimed", "the outcome recorded")
+        return self.status(fire, attempt)
+
+    def reap(self) -> list[Any]:
+        """Another replica, whose lease holds, reaps this one (its clocks moved past its lease)."""
+        self.reaper.join()
+        return self.reaper.reap()
+
+
+@contextlib.asynccontextmanager
+async def _bench(tmp_path: Path) -> AsyncIterator[_Bench]:
+    bench = _Bench(fresh_database("sqlite", tmp_path))
+    await asyncio.to_thread(bench.coordinator.start)
+    try:
+        yield bench
+    finally:
+        await asyncio.to_thread(bench.coordinator.stop)
+        bench.reaper.close()
+
+
 async def test_an_outcome_event_waits_for_the_ledger_and_is_dropped_if_the_run_was_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -592,54 +640,19 @@ async def test_an_outcome_event_waits_for_the_ledger_and_is_dropped_if_the_run_w
     was still this replica's (even past its lease, if nobody reaped it), dropped (with a
     WARNING) if another replica had reported it lost meanwhile, whose ReplicaLostError was then
     the run's one outcome."""
-    from corral._claims import Claims
-
-    url = fresh_database("sqlite", tmp_path)
-    clock = _Clock()
-    # A lease of 10 minutes: the coordinator's own renewals (every third of it) do not come
-    # during the test; the test moves the clocks past it instead.
-    ledger = Ledger(url, lease=600, clock=clock, monotonic=clock)
-    coordinator = Coordinator(ledger, on_lost=lambda _: None)
-    scheduler, executor = _Scheduler(), _Executor()
-    claims = Claims(coordinator, scheduler, asyncio.get_running_loop(), lambda _: False)
-    scheduler.claims = claims
-    await asyncio.to_thread(coordinator.start)
-    reaper = Ledger(url, lease=600, clock=clock)
-    task = type("Task", (), {"id": "sync", "max_instances": 5, "store_alias": "default"})()
     moments = [datetime(2030, 1, 1, second=s, tzinfo=UTC) for s in range(3)]
-
-    def outcome(moment: datetime) -> Any:
-        from asyncz.events import TaskExecutionEvent
-
-        return TaskExecutionEvent(
-            code=TASK_EXECUTED, task_id="sync", store="default", scheduled_run_time=moment
-        )
-
-    async def claimed(count: int) -> int:
-        while len(executor.won) < count:
-            executor.changed.clear()
-            await asyncio.wait_for(executor.changed.wait(), 30)
-        return executor.won[-1][1]
-
-    async def status(moment: datetime) -> str:
-        def final() -> str | None:
-            [run] = [r for r in reaper.runs(task="sync") if r.scheduled == moment]
-            return None if run.status == "claimed" else run.status
-
-        return await _eventually(final, f"the outcome of {moment} recorded")  # type: ignore[no-any-return]
-
-    try:
-        claims.claim(executor, task, moments[:2])
-        assert await claimed(1) == 1
-        first, second = (outcome(moment) for moment in moments[:2])
+    async with _bench(tmp_path) as bench:
+        scheduler = bench.scheduler
+        bench.claim(moments[:2])
+        assert await bench.claimed(1) == 1
+        first, second = (bench.outcome(moment) for moment in moments[:2])
         scheduler.dispatch_event(first)
-        assert await status(moments[0]) == "executed"
+        assert await bench.recorded(moments[0]) == "executed"
         await _eventually(lambda: scheduler.dispatched, "the first outcome dispatched")
         assert scheduler.dispatched == [first]
 
-        clock.now += 700  # stopped past its lease; another replica reaps it
-        reaper.join()
-        assert [run.scheduled for run in reaper.reap()] == [moments[1]]
+        bench.clock.now += 700  # stopped past its lease; another replica reaps it
+        assert [run.scheduled for run in bench.reap()] == [moments[1]]
         with caplog.at_level(logging.WARNING, logger="corral.ledger"):
             scheduler.dispatch_event(second)
             await _eventually(
@@ -648,27 +661,14 @@ async def test_an_outcome_event_waits_for_the_ledger_and_is_dropped_if_the_run_w
         assert scheduler.dispatched == [first]  # dropped: its ReplicaLostError was its outcome
         assert "task 'sync' (run time 2030-01-01 00:00:01+00:00)" in caplog.text
 
-        claims.claim(executor, task, moments[2:])  # claimed in a new term
-        assert await claimed(2) == 2
-        third = outcome(moments[2])
-        clock.now += 700  # stopped past its lease again, but nobody reaped it
+        bench.claim(moments[2:])  # claimed in a new term
+        assert await bench.claimed(2) == 2
+        third = bench.outcome(moments[2])
+        bench.clock.now += 700  # stopped past its lease again, but nobody reaped it
         scheduler.dispatch_event(third)
-        assert await status(moments[2]) == "executed"
+        assert await bench.recorded(moments[2]) == "executed"
         await _eventually(lambda: len(scheduler.dispatched) > 1, "the held event dispatched")
         assert scheduler.dispatched == [first, third]
-    finally:
-        await asyncio.to_thread(coordinator.stop)
-        reaper.close()
-
-
-async def _eventually(predicate: Any, what: str, timeout: float = 30.0) -> Any:
-    """``wait_until`` for a test on the event loop: polls, and lets the loop run meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
 
 
 async def test_a_thread_or_asyncio_run_starts_only_while_its_claims_lease_holds() -> None:
@@ -709,15 +709,7 @@ def test_the_database_does_not_count_as_answering_while_a_call_waits_for_it_too_
     connect timeout: meanwhile an outcome must not be taken as safely recorded (its event
     waits for the ledger). A call that waits longer than ``slow_call`` makes the coordinator
     unsettled until it ends."""
-    entered, release = threading.Event(), threading.Event()
-    claim_many = Ledger.claim_many
-
-    def stuck_claim(self: Ledger, requests: Any) -> Any:
-        entered.set()
-        release.wait(60)
-        return claim_many(self, requests)
-
-    monkeypatch.setattr(Ledger, "claim_many", stuck_claim)
+    entered, release = _stall_claims(monkeypatch)
     ledger = Ledger(fresh_database("sqlite", tmp_path))
     coordinator = Coordinator(ledger, on_lost=lambda _: None, slow_call=0.0)
     coordinator.start()
@@ -741,57 +733,46 @@ async def test_a_rerun_claimed_beside_an_older_run_of_its_fire_keeps_its_own_out
     """A replica back from a pause can claim a rerun of a fire whose older run, lost meanwhile,
     is still in its worker. Each run's outcome is its own: the rerun's is recorded on the
     rerun and dispatched; the lost run's is dropped, not taken for the rerun's."""
-    from asyncz.events import TaskExecutionEvent
-
-    from corral._claims import Claims
-
-    url = fresh_database("sqlite", tmp_path)
-    clock = _Clock()
-    ledger = Ledger(url, lease=600, clock=clock, monotonic=clock)  # (no renewal during the test)
-    coordinator = Coordinator(ledger, on_lost=lambda _: None)
-    scheduler, executor = _Scheduler(), _Executor()
-    claims = Claims(coordinator, scheduler, asyncio.get_running_loop(), lambda _: False)
-    scheduler.claims = claims
-    await asyncio.to_thread(coordinator.start)
-    reaper = Ledger(url, lease=600, clock=clock)
-    task = type("Task", (), {"id": "sync", "max_instances": 5, "store_alias": "default"})()
     fire = datetime(2030, 1, 1, tzinfo=UTC)
-
-    async def claimed(count: int) -> int:
-        await _eventually(lambda: len(executor.won) >= count, "the claim won")
-        return executor.won[-1][1]
-
-    def outcome(value: str) -> Any:
-        return TaskExecutionEvent(
-            code=TASK_EXECUTED,
-            task_id="sync",
-            store="default",
-            scheduled_run_time=fire,
-            return_value=value,
-        )
-
-    def status(attempt: int) -> str:
-        [run] = [r for r in reaper.runs(task="sync") if r.attempt == attempt]
-        return run.status
-
-    try:
-        claims.claim(executor, task, [fire])
-        assert await claimed(1) == 1
-        clock.now += 700  # stopped past its lease; another replica reaps its run
-        reaper.join()
-        assert len(reaper.reap()) == 1
-        claims.claim(executor, task, [fire], attempt=1)  # back, it claims the rerun itself
-        assert await claimed(2) == 2
-        rerun, stale = outcome("rerun"), outcome("stale")
+    async with _bench(tmp_path) as bench:
+        bench.claim([fire])
+        assert await bench.claimed(1) == 1
+        bench.clock.now += 700  # stopped past its lease; another replica reaps its run
+        assert len(bench.reap()) == 1
+        bench.claim([fire], attempt=1)  # back, it claims the rerun itself
+        assert await bench.claimed(2) == 2
+        rerun, stale = bench.outcome(fire, "rerun"), bench.outcome(fire, "stale")
         with caplog.at_level(logging.WARNING, logger="corral.ledger"):
-            claims.dispatch(rerun, 2)
-            claims.dispatch(stale, 1)
-            await _eventually(lambda: status(1) == "executed", "the rerun's outcome recorded")
+            bench.claims.dispatch(rerun, 2)
+            bench.claims.dispatch(stale, 1)
+            assert await bench.recorded(fire, attempt=1) == "executed"
             await _eventually(
                 lambda: "is not reported by this replica" in caplog.text, "the stale one dropped"
             )
-        assert status(0) == "lost"
-        assert scheduler.dispatched == [rerun]
-    finally:
-        await asyncio.to_thread(coordinator.stop)
-        reaper.close()
+        assert bench.status(fire) == "lost"
+        assert bench.scheduler.dispatched == [rerun]
+
+
+def _stall_claims(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make every claim wait in the database call: ``entered`` is set once one does, and it
+    goes on once ``release`` is set."""
+    entered, release = threading.Event(), threading.Event()
+    claim_many = Ledger.claim_many
+
+    def stalled(self: Ledger, requests: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return claim_many(self, requests)
+
+    monkeypatch.setattr(Ledger, "claim_many", stalled)
+    return entered, release
+
+
+async def _eventually(predicate: Any, what: str, timeout: float = 30.0) -> Any:
+    """``wait_until`` for a test on the event loop: polls, and lets the loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
