@@ -19,6 +19,7 @@ from asyncz.triggers import IntervalTrigger
 from sqlalchemy.engine import make_url
 
 import jobs
+import shutdown_tasks
 from conftest import fresh_database, wait_until
 from corral import (
     ConfigurationError,
@@ -407,7 +408,7 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
     """asyncz's contract: runs handed over before ``shutdown()`` run. With a database, a fire
     is handed over when its claim is sent: the drain waits for the claim, then for the run."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = _stall_claims(monkeypatch)  # the database answers late
+    entered, release = _stall(monkeypatch)  # the database answers late
     sched = Scheduler(config(url, mistrigger_grace_time=30))  # a busy machine's start is late
     sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
     await sched.start()
@@ -434,9 +435,7 @@ async def test_a_fire_being_claimed_when_a_blocking_shutdown_begins_on_the_loop_
     needs: the blocked thread settles the claim itself, and the fire runs before it returns
     (not cancelled at ``shutdown_timeout``, nor waited for forever without one)."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = _stall_claims(
-        monkeypatch
-    )  # the database answers once the shutdown has begun
+    entered, release = _stall(monkeypatch)  # the database answers once the shutdown has begun
     sched = Scheduler(config(url, mistrigger_grace_time=30, shutdown_timeout=None))
     sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
     await sched.start()
@@ -457,6 +456,96 @@ async def test_a_fire_being_claimed_when_a_blocking_shutdown_begins_on_the_loop_
     assert event.return_value == 3
     assert not recorder.matching(TASK_ERROR)
     await sched.shutdown()
+
+
+async def test_with_a_database_a_runs_event_comes_once_its_outcome_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener that looks the run up in the ledger finds its outcome there; a shutdown that
+    begins while the outcome is being written waits for it, and for its event."""
+    url = fresh_database("sqlite", tmp_path)
+    entered, release = _stall(monkeypatch, "finish_many")
+    sched = Scheduler(config(url, mistrigger_grace_time=30))
+    sched.add_task(jobs.add, trigger="date", run_date=datetime.now(UTC), name="sum", args=(1, 2))
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    reader = Ledger(url)
+    seen: list[str] = []
+    assert sched.asyncz is not None
+    sched.asyncz.add_listener(
+        lambda event: seen.extend(r.status for r in reader.runs(task="sum")), TASK_EXECUTED
+    )
+    executor = sched._process_executor
+    assert executor is not None
+    try:
+        assert await asyncio.to_thread(entered.wait, 60)
+        assert not recorder.matching(TASK_EXECUTED)  # the outcome is not in the ledger yet
+
+        def release_once_draining() -> None:
+            wait_until(lambda: executor._drain.started, what="the shutdown to begin")
+            release.set()
+
+        releaser = threading.Thread(target=release_once_draining)
+        releaser.start()
+        await sched.shutdown()
+        releaser.join(10)
+        [event] = recorder.matching(TASK_EXECUTED, "sum")
+        assert event.return_value == 3
+        assert seen == ["executed"]
+    finally:
+        release.set()
+        reader.close()
+
+
+async def test_a_shutdown_stops_waiting_for_an_outcome_the_database_cannot_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database goes away as a run ends: its outcome cannot be recorded, so its event is
+    not dispatched. A shutdown without a time limit waits for the database no longer than the
+    lease; the run then stays in progress in the ledger until another replica finds the lease
+    expired and reports it lost, its one outcome."""
+    url = make_url(fresh_database("postgresql", tmp_path))
+    direct = url.render_as_string(hide_password=False)
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    gate = tmp_path / "gate"
+    sched = Scheduler(config(through, replica_lease=2, shutdown_timeout=None))
+    sched.add_task(
+        shutdown_tasks.wait_for,
+        trigger="date",
+        run_date=datetime.now(UTC),
+        name="held",
+        args=(str(gate),),
+        mistrigger_grace_time=30,
+    )
+    reaper = Ledger(direct, lease=2)
+    try:
+        await sched.start()
+        recorder = Recorder().attach(sched)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: [r for r in reaper.runs(task="held") if r.worker_pid is not None],
+            60,
+            "the run started in a worker",
+        )
+        proxy.cut()
+        gate.touch()  # the run ends while the database is away
+        with caplog.at_level(logging.WARNING, logger="corral.ledger"):
+            await asyncio.wait_for(sched.shutdown(), 60)
+        assert not recorder.matching(TASK_EXECUTED)
+        assert "could not be reached at shutdown to record it" in caplog.text
+        proxy.restore()
+        reaper.join()
+        lost = await asyncio.to_thread(
+            wait_until, reaper.reap, 60, "the run reported lost by another replica"
+        )
+        assert [run.task for run in lost] == ["held"]
+        [run] = reaper.runs(task="held")
+        assert run.status == "lost"
+    finally:
+        gate.touch()
+        proxy.close()
+        reaper.close()
 
 
 def test_a_delayed_claim_is_made_by_the_ledgers_thread_without_an_event_loop(
@@ -511,7 +600,7 @@ async def test_a_claim_answered_late_does_not_make_its_fire_missed(
     """``mistrigger_grace_time`` measures how late the scheduler hands a fire over, not how long
     the database takes to answer its claim."""
     url = fresh_database("sqlite", tmp_path)
-    entered, release = _stall_claims(monkeypatch)
+    entered, release = _stall(monkeypatch)
     # A grace time that a busy machine's scheduler keeps (the task is added once it runs, so
     # its start is no lateness), and a claim answered later than it.
     sched = Scheduler(config(url, mistrigger_grace_time=3))
@@ -702,29 +791,40 @@ async def test_a_thread_or_asyncio_run_starts_only_while_its_claims_lease_holds(
     assert ran == ["a", "b"]
 
 
-def test_the_database_does_not_count_as_answering_while_a_call_waits_for_it_too_long(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_an_outcome_event_waits_for_its_write_even_while_the_lease_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A database cut off is not known to be away until a call fails, which may take a whole
-    connect timeout: meanwhile an outcome must not be taken as safely recorded (its event
-    waits for the ledger). A call that waits longer than ``slow_call`` makes the coordinator
-    unsettled until it ends."""
-    entered, release = _stall_claims(monkeypatch)
-    ledger = Ledger(fresh_database("sqlite", tmp_path))
-    coordinator = Coordinator(ledger, on_lost=lambda _: None, slow_call=0.0)
-    coordinator.start()
-    answered = threading.Event()
-    try:
-        assert coordinator.settled()
-        coordinator.claim("sync", [datetime(2030, 1, 1, tzinfo=UTC)], 1, lambda *_: answered.set())
-        assert entered.wait(30)
-        assert not coordinator.settled()
+    """The database may go away right after a run ends, with the lease still held: the event
+    waits for the outcome's write all the same. Written, it is dispatched; if the write took
+    longer than the lease and another replica reported the run lost meanwhile, it is dropped,
+    and that report is the run's one outcome."""
+    moments = [datetime(2030, 1, 1, second=s, tzinfo=UTC) for s in range(2)]
+    async with _bench(tmp_path) as bench:
+        scheduler = bench.scheduler
+        bench.claim(moments)
+        assert await bench.claimed(1) == 1
+        entered, release = _stall(monkeypatch, "finish_many")
+        first, second = (bench.outcome(moment) for moment in moments)
+        scheduler.dispatch_event(first)
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert scheduler.dispatched == []  # the lease holds, but nothing is recorded yet
         release.set()
-        assert answered.wait(30)
-        assert coordinator.settled()
-    finally:
-        release.set()
-        coordinator.stop()
+        assert await bench.recorded(moments[0]) == "executed"
+        await _eventually(lambda: scheduler.dispatched, "the first outcome dispatched")
+        assert scheduler.dispatched == [first]
+
+        entered, release = _stall(monkeypatch, "finish_many")
+        scheduler.dispatch_event(second)
+        assert await asyncio.to_thread(entered.wait, 30)
+        bench.clock.now += 700  # the write outlasts the lease; another replica reaps the run
+        assert [run.scheduled for run in bench.reap()] == [moments[1]]
+        with caplog.at_level(logging.WARNING, logger="corral.ledger"):
+            release.set()
+            await _eventually(
+                lambda: "is not reported by this replica" in caplog.text, "the drop logged"
+            )
+        assert scheduler.dispatched == [first]
+        assert bench.status(moments[1]) == "lost"
 
 
 async def test_a_rerun_claimed_beside_an_older_run_of_its_fire_keeps_its_own_outcome(
@@ -753,18 +853,20 @@ async def test_a_rerun_claimed_beside_an_older_run_of_its_fire_keeps_its_own_out
         assert bench.scheduler.dispatched == [rerun]
 
 
-def _stall_claims(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """Make every claim wait in the database call: ``entered`` is set once one does, and it
-    goes on once ``release`` is set."""
+def _stall(
+    monkeypatch: pytest.MonkeyPatch, method: str = "claim_many"
+) -> tuple[threading.Event, threading.Event]:
+    """Make every call of the ledger's ``method`` (its claims by default) wait before it reaches
+    the database: ``entered`` is set once one does, and it goes on once ``release`` is set."""
     entered, release = threading.Event(), threading.Event()
-    claim_many = Ledger.claim_many
+    call = getattr(Ledger, method)
 
-    def stalled(self: Ledger, requests: Any) -> Any:
+    def stalled(self: Ledger, *args: Any) -> Any:
         entered.set()
         release.wait(60)
-        return claim_many(self, requests)
+        return call(self, *args)
 
-    monkeypatch.setattr(Ledger, "claim_many", stalled)
+    monkeypatch.setattr(Ledger, method, stalled)
     return entered, release
 
 

@@ -105,6 +105,9 @@ def test_an_outcome_is_recorded_with_its_details_and_bounded_error(
     # A finished run is final: a second outcome changes nothing.
     assert not a.finish(won.run_id, "executed")
     assert a.runs(task="job")[0].status == "error"
+    # The same outcome again is a retry of a write whose answer was lost: it was recorded.
+    assert a.finish(won.run_id, "error", error="x")
+    assert a.runs(task="job")[0].error == run.error
 
 
 def test_an_expired_lease_makes_its_runs_lost_once(replicas: list[Ledger], clock: Clock) -> None:

@@ -5,9 +5,8 @@ send_task (app loop)  -> Claims.claim -> coordinator thread: Ledger.claim (one t
    <- on the loop: won -> the executor runs it; taken -> skipped quietly; full -> skipped,
       TASK_MAX_INSTANCES; database away -> one TASK_ERROR per fire, not run
 outcome event (TASK_EXECUTED / TASK_ERROR / TASK_MISSED) -> Claims.hold -> Ledger.finish;
-   while the run's lease surely holds and the database answers, the event goes on at once;
-   else it is held until the ledger says the run was still this replica's (dispatched), or
-   that another replica reported it lost (dropped: that report was the run's outcome)
+   the event waits for the ledger's answer: recorded -> dispatched; the run had been reported
+   lost by another replica -> dropped (that report was the run's outcome)
 lease expired elsewhere -> Claims.on_lost -> one TASK_ERROR (ReplicaLostError) per lost run;
                            rerun_lost tasks are claimed again (attempt + 1) and run here;
                            while max_instances runs are in progress, a rerun waits (never
@@ -21,7 +20,6 @@ run what comes back won.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -117,8 +115,9 @@ class Claims:
         self._early: list[LostRun] | None = []
         # Reruns waiting for a free instance of their task, and the handle of their next claim.
         self._waiting: dict[tuple[str, tuple[int, ...]], asyncio.TimerHandle] = {}
-        # Outcome events held until the ledger says whether their run was still this replica's.
-        self._unconfirmed: dict[int, Any] = {}
+        # Outcome events held until the ledger says whether their run was still this replica's,
+        # by run id.
+        self._unconfirmed: dict[int, _Held] = {}
         self._passing: Any = None  # an event decided here, being dispatched
         coordinator.on_lost = self._on_lost_thread
 
@@ -169,7 +168,7 @@ class Claims:
         if getattr(event, "task_id", None) is None:
             return False
         if event.code & OUTCOME_EVENTS:
-            return self._finish(event)
+            return self._finish(_Held(event))
         if event.code != TASK_SUBMITTED:
             return False
         held = self._held.get(_key(str(event.task_id), list(event.scheduled_run_times)))
@@ -304,11 +303,20 @@ class Claims:
             run.worker_pid, run.started_at = worker_pid, at
             self.coordinator.started(run.run_id, worker_pid, at)
 
-    def dispatch(self, event: Any, term: int) -> None:
+    def dispatch(self, event: Any, term: int, *, ended: Callable[[], None] | None = None) -> None:
         """Dispatch the outcome event of a fire claimed in ``term`` (as ``hold`` does for an
-        event it meets, but knowing which of the fire's runs it is about)."""
-        if not self._finish(event, term):
-            self._pass(event)
+        event it meets, but knowing which of the fire's runs it is about). ``ended`` (the run
+        is over for its executor) is called once, right before the event is dispatched or
+        dropped, or when a shutdown stops waiting for the ledger (:meth:`stop_waiting`)."""
+        held = _Held(event, ended)
+        try:
+            if self._finish(held, term):
+                return
+        except BaseException:
+            held.end()
+            raise
+        held.end()
+        self._pass(event)
 
     def _pass(self, event: Any) -> None:
         """Dispatch ``event`` past ``hold``: it was decided here."""
@@ -318,16 +326,16 @@ class Claims:
         finally:
             self._passing = None
 
-    def _finish(self, event: Any, term: int | None = None) -> bool:
-        """Record the outcome of a claimed run in the ledger; ``True``: hold its event.
+    def _finish(self, held: _Held, term: int | None = None) -> bool:
+        """Record the outcome of a claimed run in the ledger; ``True``: its event waits for the
+        ledger's answer (``_confirmed``).
 
-        While the lease the run was claimed under surely holds and the database answers (no
-        outcome waits for it), no other replica has reported the run lost yet: the event goes
-        on at once. Otherwise (the process was stopped, or cut off from the database), it may
-        have been: the event waits for the ledger's answer, and is dispatched only if the run
-        was still this replica's. Else its ``ReplicaLostError``, dispatched by the replica that
-        reaped it, was its one outcome. Once the coordinator has stopped, nothing can be
-        recorded: the event goes on at once."""
+        The event is dispatched only once the outcome is recorded: a run whose outcome is not
+        in the ledger may be reported lost by another replica (this one stopped, or was cut
+        off from the database, for longer than its lease), and that report is then its one
+        outcome. Once the coordinator has stopped, nothing can be recorded: the event goes on
+        at once."""
+        event = held.event
         scheduled = getattr(event, "scheduled_run_time", None)
         if event is self._passing or not isinstance(scheduled, datetime):
             return False
@@ -337,60 +345,89 @@ class Claims:
         status, error = _status_of(event)
         if self.coordinator.stopped:
             return False
-        record = functools.partial(
-            self.coordinator.finish,
+        held.term = run.term
+        self._unconfirmed[run.run_id] = held
+
+        def recorded(was_recorded: bool | None) -> None:
+            self._call_soon(self._confirmed, run.run_id, was_recorded)
+
+        self.coordinator.finish(
             run.run_id,
             status,
             error=error,
             worker_pid=run.worker_pid,
             started_at=run.started_at,
+            recorded=recorded,
         )
-        if self.lease.holds(run.term) and self.coordinator.settled():
-            record()
-            return False
-        self._unconfirmed[run.run_id] = event
-
-        def recorded(was_recorded: bool | None) -> None:
-            self._call_soon(self._confirmed, run.run_id, was_recorded)
-
-        record(recorded=recorded)
         return True
 
     def _confirmed(self, run_id: int, was_recorded: bool | None) -> None:
         """The ledger's answer for a held outcome: recorded (``True``), or not written at all
         (``None``: the coordinator stopped, or gave it up): dispatched; the run had been
         reported lost (``False``): dropped."""
-        event = self._unconfirmed.pop(run_id, None)
-        if event is None:
+        held = self._unconfirmed.pop(run_id, None)
+        if held is None:
             return
+        held.end()
+        event = held.event
         if was_recorded is False:
             logger.warning(
                 "The outcome of task %r (run time %s) is not reported by this replica: its "
-                "lease expired before the run ended, and another replica reported the run lost "
-                "(ReplicaLostError)",
+                "lease expired before the outcome was recorded, and another replica reported "
+                "the run lost (ReplicaLostError)",
                 event.task_id,
                 event.scheduled_run_time,
             )
             return
         self._pass(event)
 
+    def stop_waiting(self, late: bool) -> None:
+        """A shutdown stops waiting for the ledger's answers that may not come in time (any
+        thread): all of them once past its deadline (``late``); else those whose run's lease
+        may have lapsed (the database does not answer, and is waited for no longer than the
+        lease). Their runs end for their executors; their events still wait for the answer
+        (up to :meth:`unconfirmed`)."""
+        if self._unconfirmed:
+            self._call_soon(self._stop_waiting, late)
+
+    def _stop_waiting(self, late: bool) -> None:
+        for held in list(self._unconfirmed.values()):
+            if late or held.term is None or not self.lease.holds(held.term):
+                held.end()
+
     def unconfirmed(self) -> None:
-        """After the coordinator stopped: log the outcomes still held (the database could not
-        tell whether another replica had reported their runs lost; one that did not will, once
-        it reaches the database and finds this replica's lease expired)."""
-        for event in list(self._unconfirmed.values()):
+        """After the coordinator stopped: log the outcomes still held. The database could not
+        be reached to record them: their runs stay in progress in the ledger until a replica
+        finds this one's lease expired and reports them lost, which is then their outcome."""
+        for held in list(self._unconfirmed.values()):
+            held.end()
             logger.warning(
-                "The outcome of task %r (run time %s) is not reported by this replica: its "
-                "lease expired before the run ended, and the database could not be reached at "
-                "shutdown to tell whether another replica had reported the run lost",
-                event.task_id,
-                event.scheduled_run_time,
+                "The outcome of task %r (run time %s) is not reported by this replica: the "
+                "database could not be reached at shutdown to record it; the replica that "
+                "finds this replica's lease expired (another one, or this one started again) "
+                "reports the run lost (ReplicaLostError)",
+                held.event.task_id,
+                held.event.scheduled_run_time,
             )
         self._unconfirmed.clear()
 
     def unconfirmed_later(self) -> None:
-        """:meth:`unconfirmed`, from another thread (on the loop, if it still runs)."""
+        """:meth:`unconfirmed`, from another thread (on the loop, if it still runs), after the
+        answers the coordinator's stop handed over."""
         self._call_soon(self.unconfirmed)
+
+    async def left(self) -> None:
+        """:meth:`unconfirmed_later`, awaited on the loop."""
+        logged = asyncio.Event()
+
+        def log() -> None:
+            try:
+                self.unconfirmed()
+            finally:
+                logged.set()
+
+        self._call_soon(log)
+        await logged.wait()
 
     def stop(self) -> None:
         """The scheduler is stopping (on the loop): reruns still waiting will not run."""
@@ -489,6 +526,23 @@ class _OpenRuns:
             if not runs:
                 del self._by_fire[key]
         return run
+
+
+class _Held:
+    """An outcome event waiting for the ledger's answer, and the end of its run for the
+    executor (called once)."""
+
+    __slots__ = ("ended", "event", "term")
+
+    def __init__(self, event: Any, ended: Callable[[], None] | None = None) -> None:
+        self.event = event
+        self.ended = ended
+        self.term: int | None = None  # the lease term its run was claimed in
+
+    def end(self) -> None:
+        ended, self.ended = self.ended, None
+        if ended is not None:
+            ended()
 
 
 class _OpenRun:

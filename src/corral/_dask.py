@@ -156,7 +156,7 @@ class DaskExecutor(RunExecutor):
             self.cluster,
             self.shutdown_timeout if timeout is DEFAULT else timeout,
             cancel_queued=False,
-            hand_over=self._delivery.run_if_stranded,
+            hand_over=self._at_drain_tick,
         )
 
     # -- runs -----------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ and that ``shutdown(wait=True)`` returns once they are over. corral keeps that p
 2. When none is left, or at the deadline, the pool shuts down. What still runs then is stopped
    (SIGTERM, ``kill_grace``, SIGKILL); what waits is cancelled, and so are the run times a run
    had not reached: each is reported as a ``JobCancelledError``.
-3. The drain is over once every run has reported its last outcome.
+3. The drain is over once every run has reported its last outcome. With a database, a run's
+   last outcome is reported once it is recorded: that is waited for until the deadline, and
+   while the database is away no longer than the run's lease surely holds.
 
 With ``cancel_futures=True`` (asyncz's option), step 1 is left out: the pool shuts down at once,
 cancelling what waits for a worker and giving what runs until the deadline.
@@ -95,7 +97,7 @@ class Drain:
         timeout: float | None,
         *,
         cancel_queued: bool,
-        hand_over: Callable[[], None],
+        hand_over: Callable[[bool], None],
     ) -> None:
         """Start the drain, unless it has begun already (the first call sets the deadline).
 
@@ -103,7 +105,9 @@ class Drain:
             pool: The executor's pool.
             timeout: Seconds the runs may take; ``None``: as long as they take.
             cancel_queued: Cancel what waits for a worker at once (``cancel_futures=True``).
-            hand_over: Delivers outcomes that wait for an event loop that no longer runs.
+            hand_over: Called on the drain's thread at each look while it waits, with whether
+                the deadline has passed: delivers outcomes that wait for an event loop that no
+                longer runs, and gives up waiting for what cannot come in time.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -144,14 +148,18 @@ class Drain:
         pool: Stoppable,
         deadline: float | None,
         cancel_queued: bool,
-        hand_over: Callable[[], None],
+        hand_over: Callable[[bool], None],
     ) -> None:
+
+        def tick() -> None:
+            hand_over(deadline is not None and time.monotonic() >= deadline)
+
         try:
             if not cancel_queued:
-                self._wait_for_runs(deadline, hand_over, claims=True)
+                self._wait_for_runs(deadline, tick, claims=True)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             pool.shutdown(wait=True, timeout=left)
-            self._wait_for_runs(None, hand_over, claims=False)
+            self._wait_for_runs(None, tick, claims=False)
         finally:
             with self._cond:
                 self.finished.set()
@@ -160,7 +168,7 @@ class Drain:
                 wake()
 
     def _wait_for_runs(
-        self, deadline: float | None, hand_over: Callable[[], None], *, claims: bool
+        self, deadline: float | None, tick: Callable[[], None], *, claims: bool
     ) -> None:
         """Return when no run (and with ``claims``, no claim) is left, or at ``deadline``."""
         while True:
@@ -171,4 +179,4 @@ class Drain:
                 if wait <= 0:
                     return
                 self._cond.wait(wait)
-            hand_over()
+            tick()

@@ -33,7 +33,7 @@ from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 from corral._pool._supervisor import WAIT_WARNING, JobFuture
-from corral._runs import Run, RunExecutor, missed_event
+from corral._runs import Run, RunExecutor, missed_event, nothing
 
 _WAIT_WARNING_EVERY = 60.0  # seconds between two warnings of one task waiting for a worker
 _WAIT_WARNINGS_AT_MOST = 5  # tasks warned about in one such interval (then a count)
@@ -87,7 +87,6 @@ class ProcessExecutor(RunExecutor):
         self._wait_window = -_WAIT_WARNING_EVERY  # when the interval began
         self._wait_tasks = 0  # tasks warned about in it
         self._wait_unwarned = 0  # runs that waited without a warning of their own in it
-        self._unwatch_lease: Callable[[], None] = _nothing
         self.run_observers: list[Callable[[str, JobFuture[Any], float | None], None]] = []
         """Called at each job's outcome, on the event loop: (task id, the job's future, the
         seconds it ran or ``None`` if it never started); ``future.queue_wait`` is how long it
@@ -96,9 +95,7 @@ class ProcessExecutor(RunExecutor):
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
         self.pool = Pool(self.settings, name=f"corral-{alias}")
-        if self.claims is not None:  # jobs of claimed fires start only while their lease holds
-            self._unwatch_lease()
-            self._unwatch_lease = self.claims.lease.watch(self.pool.hold_lease)
+        self._watch_lease(self.pool.hold_lease)
         self.pool.start()
 
     def shutdown(self, wait: bool = True, *, timeout: float | None = DEFAULT) -> None:
@@ -146,7 +143,7 @@ class ProcessExecutor(RunExecutor):
             self.pool,
             self.shutdown_timeout if timeout is DEFAULT else timeout,
             cancel_queued=self.cancel_futures,
-            hand_over=self._delivery.run_if_stranded,
+            hand_over=self._at_drain_tick,
         )
 
     def statistics(self) -> PoolStatistics | None:
@@ -261,7 +258,7 @@ class _ClaimsFirst:
 
     def claim_sent(self) -> Callable[[], None]:
         """asyncz's own executors do not wait for claims in flight at shutdown."""
-        return _nothing
+        return nothing
 
     def run_claimed(
         self,
@@ -318,10 +315,6 @@ def _run_coroutine_task_in_thread(
 
 class AsyncIOExecutor(_ClaimsFirst, _AsynczAsyncIOExecutor):
     """asyncz's asyncio executor: ``async def`` tasks run on the app's event loop."""
-
-
-def _nothing() -> None:
-    pass
 
 
 def leased(fn: Callable[..., Any], lease: HeldLease, term: int) -> Callable[..., Any]:

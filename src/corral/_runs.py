@@ -13,6 +13,7 @@ for them as long as it takes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -109,6 +110,7 @@ class RunExecutor(BaseExecutor):
         self._log = logging.getLogger("corral.executor")
         self._delivery = Delivery(None)
         self._drain = Drain()
+        self._unwatch_lease: Callable[[], None] = nothing
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -116,6 +118,12 @@ class RunExecutor(BaseExecutor):
         self._delivery = Delivery.of(getattr(scheduler, "event_loop", None))
         if self._drain.started:  # started again after a shutdown: a drain of its own
             self._drain = Drain()
+
+    def _watch_lease(self, hold: Callable[[int, float], None]) -> None:
+        """With a database, tell ``hold`` (a pool's or a cluster's ``hold_lease``) of each
+        change of the claims' lease: runs of claimed fires start only while it holds."""
+        self._unwatch_lease()
+        self._unwatch_lease = nothing if self.claims is None else self.claims.lease.watch(hold)
 
     # -- what a subclass says -------------------------------------------------------------------
 
@@ -250,19 +258,24 @@ class RunExecutor(BaseExecutor):
 
         The run goes on before its event is dispatched, as asyncz frees a task's instance before
         it dispatches the run's events: a listener that waits for the runs (a shutdown called
-        there) does not wait for the very run that called it."""
+        there) does not wait for the very run that called it. With a database, the event waits
+        for its outcome to be recorded (``Claims.dispatch``), and the run's end with it: a
+        shutdown waits for both."""
         run.index += 1
+        last = run.index >= len(run.run_times)
+        claims, term = self.claims, run.term
         try:
             self._log_outcome(run, event)  # (a logging filter may raise)
         finally:
             try:
-                if run.index < len(run.run_times):
+                if not last:
                     self._submit_next(run)
-                else:
+                elif claims is None or term is None:
                     self._release(run)
             finally:
-                if self.claims is not None and run.term is not None:
-                    self.claims.dispatch(event, run.term)  # (it knows which run of the fire)
+                if claims is not None and term is not None:
+                    ended = functools.partial(self._release, run) if last else None
+                    claims.dispatch(event, term, ended=ended)  # (it knows which run of the fire)
                 else:
                     self.scheduler.dispatch_event(event)
 
@@ -300,6 +313,14 @@ class RunExecutor(BaseExecutor):
 
     # -- delivery to the event loop -------------------------------------------------------------
 
+    def _at_drain_tick(self, late: bool) -> None:
+        """While a shutdown waits for runs (its thread, every tick; ``late``: past its
+        deadline): hand over what waits for a loop that no longer runs, and stop waiting for
+        outcomes the ledger may not record in time (``Claims.stop_waiting``)."""
+        if self.claims is not None:
+            self.claims.stop_waiting(late)
+        self._delivery.run_if_stranded()
+
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` on the scheduler's event loop (``Delivery``): never on the thread
         that found the outcome."""
@@ -313,6 +334,10 @@ class RunExecutor(BaseExecutor):
             delivery.serve(self._drain.finished)
         else:
             self._drain.finished.wait()
+
+
+def nothing() -> None:
+    pass
 
 
 def missed_event(run: Run, run_time: datetime) -> TaskExecutionEvent:

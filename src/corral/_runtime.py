@@ -329,7 +329,7 @@ class Scheduler:
         if claims is not None:
             claims.stop()
             await anyio.to_thread.run_sync(claims.coordinator.stop)
-            claims.unconfirmed_later()  # (after the answers the stop delivered)
+            await claims.left()  # (after the answers the stop delivered)
             self._final_ledger_statistics = claims.coordinator.statistics()
 
     def _leave_ledger_when_drained(self) -> None:

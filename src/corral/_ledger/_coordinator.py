@@ -54,7 +54,6 @@ class ClaimWithdrawn(Exception):
 PENDING_LIMIT = 10_000
 BATCH = 500  # most queued calls handled together
 PRUNE_EVERY = 3600.0
-SLOW_CALL = 1.0  # seconds a database call may take before the database counts as not answering
 _STOP = object()
 
 
@@ -101,8 +100,6 @@ class Coordinator:
         on_lost: Called on the coordinator thread with runs this replica found lost (each lost
             run is found by exactly one replica).
         retention: Finished runs older than this are pruned (hourly).
-        slow_call: Seconds a database call may take before the database no longer counts as
-            answering (``settled``).
     """
 
     def __init__(
@@ -111,13 +108,10 @@ class Coordinator:
         *,
         on_lost: Callable[[list[LostRun]], None],
         retention: timedelta = timedelta(days=7),
-        slow_call: float = SLOW_CALL,
     ) -> None:
         self.ledger = ledger
         self.on_lost = on_lost
         self.retention = retention
-        self.slow_call = slow_call
-        self._calling_since: float | None = None  # when the database call under way began
         self.tick_every = ledger.lease / 3
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending: collections.deque[_Finish] = collections.deque()
@@ -222,18 +216,6 @@ class Coordinator:
             return
         self._queue.put(("finish", outcome, recorded))
 
-    def settled(self) -> bool:
-        """Whether the database answers: it answered the last call, no outcome waits to be
-        recorded, and no call has waited for it longer than ``slow_call`` seconds (a database
-        cut off is not known to be away until a call fails, which may take its whole connect
-        timeout)."""
-        since = self._calling_since
-        return (
-            self._available
-            and not self._pending
-            and (since is None or time.monotonic() - since < self.slow_call)
-        )
-
     def statistics(self) -> LedgerStatistics:
         counts = self._counts
         return LedgerStatistics(
@@ -309,7 +291,6 @@ class Coordinator:
             self._run(self._claim, ([request for request, _ in claims],), _Fanout(claims))
 
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done | None) -> None:
-        self._calling_since = time.monotonic()
         try:
             value = fn(*args)
         except (SQLAlchemyError, OSError) as exc:
@@ -322,8 +303,6 @@ class Coordinator:
             if done is not None:
                 self._call_back(done, None, exc)
             return
-        finally:
-            self._calling_since = None
         self._reachable()
         if done is not None:
             self._call_back(done, value, None)

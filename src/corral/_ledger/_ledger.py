@@ -70,6 +70,7 @@ _IN_PROGRESS = select(func.count(func.distinct(runs.c.batch))).where(
     and_(runs.c.task == bindparam("task"), runs.c.status == "claimed")
 )
 
+_STATUS = select(runs.c.status).where(runs.c.id == bindparam("run"))
 _RUN_EXISTS = select(runs.c.id).where(
     and_(
         runs.c.task == bindparam("task"),
@@ -273,7 +274,9 @@ class Ledger:
         started_at: float | None = None,
         finished_at: float | None = None,
     ) -> bool:
-        """Record a run's outcome; ``False`` if it was no longer in progress (reported lost)."""
+        """Record a run's outcome; ``False`` if it was no longer in progress (reported lost, or
+        finished with another outcome). The same outcome recorded again is ``True``: a retry of
+        a write whose answer was lost."""
         finished_at = self._clock() if finished_at is None else finished_at
         outcome = Outcome(run_id, status, error, worker_pid, started_at, finished_at)
         return self.finish_many([outcome])[0]
@@ -294,7 +297,12 @@ class Ledger:
             .where(and_(runs.c.id == outcome.run_id, runs.c.status == "claimed"))
             .values(**values)
         )
-        return bool(connection.execute(statement).rowcount)
+        if connection.execute(statement).rowcount:
+            return True
+        # Not in progress: reported lost, or finished already. The same outcome again is a
+        # retry of a write that committed but whose answer was lost with the connection.
+        status = connection.execute(_STATUS, {"run": outcome.run_id}).scalar_one_or_none()
+        return bool(status == outcome.status)
 
     # -- recovery -------------------------------------------------------------------------------
 
