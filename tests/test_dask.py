@@ -25,7 +25,7 @@ import pytest
 from asyncz.events.constants import TASK_ERROR, TASK_EXECUTED
 
 import dask_tasks
-from conftest import assert_gone
+from conftest import assert_gone, wait_until
 from corral import (
     ClusterUnavailableError,
     ConfigurationError,
@@ -373,6 +373,50 @@ async def test_claims_in_a_database_record_each_run_and_its_dask_worker(tmp_path
         ledger.close()
     assert len(runs) >= 2
     assert {run.worker_pid for run in runs} >= pids
+
+
+def test_a_run_under_a_lease_starts_on_a_dask_worker_only_while_the_lease_holds(
+    tmp_path: Path,
+) -> None:
+    """A claimed run waits on the cluster behind another while the app is stopped past its
+    lease: the Dask worker reads the app's lease right before it would start the run, and does
+    not start it. Nor a run of an older term, once the app holds a new one."""
+    from distributed import Client
+
+    from corral._dask_cluster import DaskCluster
+
+    cluster = DaskCluster(None, workers=1)
+    cluster.start()
+    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    try:
+        assert cluster.wait_ready(120)
+        cluster.hold_lease(1, 600)
+        assert cluster.submit("dask_tasks:where", lease=1).result(120) > 0
+        first = cluster.submit("shutdown_tasks:wait_for", (str(gate),), lease=1)
+        wait_until(lambda: first.worker_pid, 60, "the first run to start")
+        queued = cluster.submit("dask_tasks:mark", (str(marker),), lease=1)
+        cluster.hold_lease(1, -1.0)  # the app was stopped past its lease
+        with Client(cluster.link.scheduler_address(), timeout=30) as client:  # type: ignore[no-untyped-call]
+
+            def lapsed() -> bool:
+                held = client.get_metadata(cluster.lease.key, None) or {}
+                return bool(held.get("until", float("inf")) < time.time())
+
+            wait_until(lapsed, 60, "the lapsed lease on the Dask scheduler")
+        gate.touch()
+        assert first.result(60) > 0  # started while the lease held: it ran to its end
+        with pytest.raises(JobCancelledError, match=r"not started: the lease .*\(term 1\)") as no:
+            queued.result(60)
+        assert not no.value.started
+        cluster.hold_lease(2, 600)  # registered again: a new term
+        with pytest.raises(JobCancelledError, match="not started"):
+            cluster.submit("dask_tasks:mark", (str(marker),), lease=1).result(60)
+        assert not marker.exists()
+        assert cluster.submit("dask_tasks:mark", (str(marker),), lease=2).result(60) > 0
+        assert marker.exists()
+    finally:
+        gate.touch()
+        cluster.shutdown(wait=True, timeout=30)
 
 
 async def test_without_distributed_executor_dask_names_the_extra(

@@ -112,6 +112,7 @@ class DaskExecutor(RunExecutor):
             name=f"corral-{alias}-dask",
         )
         self.cluster.start()
+        self._watch_lease(self.cluster.hold_lease)  # (published on the started link's loop)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until connected to the cluster, with workers (an embedded cluster: all of
@@ -171,6 +172,7 @@ class DaskExecutor(RunExecutor):
             dict(task.kwargs),
             timeout=self._timeout_of(task),
             label=run.task_id,
+            lease=run.term,
         )
         self._log.info(
             'Running task "%s" (scheduled at %s) on the Dask cluster',

@@ -36,6 +36,7 @@ from typing import Any
 from distributed.scheduler import KilledWorker
 
 from corral import _dask_worker
+from corral._dask_lease import PublishedLease
 from corral._dask_link import CONNECT_TIMEOUT, ClusterLink, reason
 from corral._dask_stats import ClusterStatistics, ClusterWorker
 from corral._exceptions import (
@@ -79,6 +80,7 @@ class _Job:
     timeout: float | None
     label: str | None
     future: DaskFuture
+    lease: int | None = None  # the term of the app's lease it may start under
     key: str = ""
     dask: Any = None  # the distributed.Future of the current send
     worker: str | None = None
@@ -122,6 +124,7 @@ class DaskCluster:
             on_event=self._on_event,
             name=self.name,
         )
+        self.lease = PublishedLease(self.link, self._token)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # the counters and jobs, read by statistics()
         self._jobs: dict[int, _Job] = {}
@@ -154,8 +157,11 @@ class DaskCluster:
         *,
         timeout: float | None = None,
         label: str | None = None,
+        lease: int | None = None,
     ) -> DaskFuture:
-        """Send a run to the cluster; never blocks. Its future ends with its outcome."""
+        """Send a run to the cluster; never blocks. Its future ends with its outcome. With
+        ``lease`` (a term of :meth:`hold_lease`), its Dask worker starts it only while the lease
+        holds for that term; if not, it ends with ``JobCancelledError``."""
         with self._lock:
             if not self._started or self._closing:
                 raise PoolNotRunningError(
@@ -164,11 +170,16 @@ class DaskCluster:
                 )
             job_id = next(self._ids)
             future = DaskFuture(job_id, label)
-            job = _Job(job_id, reference, args, dict(kwargs or {}), timeout, label, future)
+            job = _Job(job_id, reference, args, dict(kwargs or {}), timeout, label, future, lease)
             self._jobs[job_id] = job
             self._counts["submitted"] += 1
         self.link.call_soon(self._launch, job)
         return future
+
+    def hold_lease(self, term: int, seconds: float) -> None:
+        """Runs submitted with ``lease=term`` may start for ``seconds`` more; those submitted
+        under another term may not start any more (as ``Pool.hold_lease``; any thread)."""
+        self.lease.hold(term, seconds)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until connected with workers (all of an embedded cluster's); ``True`` if so."""
@@ -263,7 +274,13 @@ class DaskCluster:
                 "topic": self.topic,
                 "levels": self._levels,
                 "max_result_size": self.max_result_size,
+                "lease": None if job.lease is None else (self.lease.key, job.lease),
             }
+            if job.lease is not None:  # the scheduler has the lease before the run is there
+                try:
+                    await self.lease.publish(client)
+                except Exception as exc:
+                    raise _unavailable(job, self.link.scheduler_address(), reason(exc)) from exc
             job.key = key
             with self._lock:
                 self._by_key[key] = job
@@ -332,6 +349,8 @@ class DaskCluster:
                 ) from exc
         if tag == _dask_worker.RAISED:
             raise _Raised(_remote_exception(job, *payload))
+        if tag == _dask_worker.LAPSED:
+            raise _lapsed(job, payload)
         raise _refused(job, payload)
 
     def _resolve(self, job: _Job, *, value: Any = None, error: BaseException | None = None) -> None:
@@ -514,6 +533,18 @@ def _cancelled(job: _Job, *, started: bool) -> JobCancelledError:
         f"{'while it ran on Dask worker ' + str(job.worker) if started else 'before it started'}",
         job_id=job.id,
         started=started,
+    )
+
+
+def _lapsed(job: _Job, payload: dict[str, Any]) -> JobCancelledError:
+    return JobCancelledError(
+        f"run {job.id} ({job.reference}) was not started: the lease its fire was claimed under "
+        f"(term {job.lease}) no longer held when Dask worker {payload.get('worker')} came to it "
+        f"(the app was stopped, or could not renew its lease, for longer than replica_lease; "
+        f"or the clocks of the app's and the worker's machines disagree by more than the "
+        f"lease's margin); another replica may have reported it lost",
+        job_id=job.id,
+        started=False,
     )
 
 

@@ -4,6 +4,8 @@ A run travels as a call of :func:`run` with the task's function *reference* (``m
 resolved here exactly as corral's own workers resolve it), its arguments, and a few facts about
 the run (its Dask key, the app's topic, the app's log level, ``max_result_size``). It:
 
+0. for a run claimed under the app's lease, reads that lease from the Dask scheduler, and does
+   not start the run if it no longer holds (``_dask_lease``);
 1. records its start on the Dask scheduler under its own key (task metadata, forgotten with the
    key). A start recorded already means that Dask is running it a second time: the worker that
    ran it died or was restarted, and the scheduler's ``allowed-failures`` let it try again. It
@@ -43,6 +45,9 @@ from corral._pool._worker import _exit_error, _portable_record, _short_repr, _ty
 RETURNED = "returned"
 RAISED = "raised"
 REFUSED = "refused"
+LAPSED = "lapsed"
+LEASE_RECORD = "corral-lease"
+"""Where an app's lease is recorded in the Dask scheduler's metadata (under its link's token)."""
 START_RECORD = "corral-start"
 """Where a run's start is recorded in the Dask scheduler's metadata of its key."""
 _OWN_LOGGERS = ("distributed", "tornado")  # Dask's own records are never a run's
@@ -59,7 +64,8 @@ def run(
     """Run one corral run on this Dask worker; return ``(tag, payload)``.
 
     ``(RETURNED, pickled value)``, ``(RAISED, (pickled exception or None, type name, message,
-    traceback text))`` or ``(REFUSED, {"first": where it started first, ...})``.
+    traceback text))``, ``(REFUSED, {"first": where it started first, ...})`` or ``(LAPSED,
+    {"held": the app's lease as read, ...})``.
     """
     from distributed import get_worker
     from distributed.utils import sync
@@ -68,6 +74,11 @@ def run(
     worker = get_worker()
     key = meta["key"]
     start = {"worker": str(worker.address), "pid": os.getpid(), "at": time.time()}
+    lease = meta.get("lease")  # (the app's lease record, the term the run was claimed in)
+    if lease is not None:
+        held = sync(worker.loop, worker.scheduler.get_metadata, keys=lease[0], default=None)
+        if not _holds(held, lease[1]):
+            return LAPSED, {"held": held, **start}
     levels = dict(meta["levels"])
     forwarder = _Forwarder(worker, meta["topic"], key, levels)
     # Sent first, so that it travels while the start is recorded; the app ignores the start
@@ -86,6 +97,14 @@ def run(
         _current.forwarder = None
         forwarder.flush()
     return _returned(value, meta["max_result_size"])
+
+
+def _holds(held: Any, term: int) -> bool:
+    """Whether the app's lease as read (``{"term", "until"}``) covers a run claimed in
+    ``term`` now, on this machine's clock."""
+    if not isinstance(held, dict):
+        return False
+    return bool(held.get("term") == term and time.time() < float(held.get("until", 0)))
 
 
 async def _record_start(worker: Any, key: str, start: dict[str, Any]) -> Any:
