@@ -8,6 +8,9 @@
    processes sharing the database; every task appends a line per run. Duplicates (a fire run
    twice), missed fires (due in the window, not run) and skipped ones are counted.
 3. Idle cost: database transactions per second of a replica with no fire due.
+4. Event latency: from a fire's due time to its outcome event (a no-op task, one fire every
+   20 ms), without a database and with each: the claim before the run, and the outcome's write
+   before its event.
 
 PostgreSQL is measured when ``--postgres`` (or ``CORRAL_TEST_POSTGRES``) gives a server.
 """
@@ -15,6 +18,7 @@ PostgreSQL is measured when ``--postgres`` (or ``CORRAL_TEST_POSTGRES``) gives a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -26,8 +30,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import bench_jobs
+from asyncz.events.constants import TASK_EXECUTED
+from report import p99
 from sqlalchemy import create_engine, text
 
+from corral import Scheduler, SchedulerConfig
 from corral._ledger import Coordinator, Ledger
 from corral._ledger._records import ClaimRequest
 
@@ -103,6 +111,34 @@ def idle_queries(url: str, seconds: float) -> float:
     return rate
 
 
+def event_latency(url: str | None, count: int = 200) -> dict[str, float]:
+    """Milliseconds from each fire's due time to its outcome event (median and p99)."""
+    return asyncio.run(_event_latency(url, count))
+
+
+async def _event_latency(url: str | None, count: int) -> dict[str, float]:
+    config = SchedulerConfig(enabled=True, workers=2, database=url, mistrigger_grace_time=60)
+    sched = Scheduler(config)
+    first = datetime.now(UTC) + timedelta(seconds=3)  # once the workers are up
+    for i in range(count):
+        due = first + timedelta(milliseconds=20 * i)
+        sched.add_task(bench_jobs.noop, trigger="date", run_date=due, name=f"latency-{i}")
+    late: list[float] = []
+    done = asyncio.Event()
+
+    def arrived(event: Any) -> None:
+        late.append(time.time() - event.scheduled_run_time.timestamp())
+        if len(late) >= count:
+            done.set()
+
+    async with sched:
+        assert sched.asyncz is not None
+        sched.asyncz.add_listener(arrived, TASK_EXECUTED)
+        await asyncio.wait_for(done.wait(), 300)
+    late.sort()
+    return {"event_p50_ms": late[len(late) // 2] * 1000, "event_p99_ms": p99(late) * 1000}
+
+
 def cluster(url: str, folder: Path, seconds: float) -> dict[str, float]:
     """3 replicas x 50 one-second tasks: duplicates, missed and skipped fires."""
     module = folder / "bench_tasks.py"
@@ -155,7 +191,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {"none": event_latency(None)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for kind in kinds:
@@ -164,12 +200,16 @@ def main() -> None:
                 "batched_claim_us": batched_claim_overhead(fresh(kind, folder, args.postgres)),
                 "idle_queries_per_s": idle_queries(fresh(kind, folder, args.postgres), 10),
                 **cluster(fresh(kind, folder, args.postgres), folder, args.seconds),
+                **event_latency(fresh(kind, folder, args.postgres)),
             }
     header = ["database", "claim µs/fire", "50 at once µs/fire", "idle tx/s", "fires due"]
     header += ["duplicates", "missed"]
-    header += ["skipped", "replicas claiming"]
+    header += ["skipped", "replicas claiming", "event p50 ms", "event p99 ms"]
     print(" | ".join(header))
     for kind, row in results.items():
+        if kind == "none":
+            print(" | ".join(["no database", *["-"] * 8, *_latency(row)]))
+            continue
         cells = [
             kind,
             f"{row['claim_us']:.0f}",
@@ -180,10 +220,15 @@ def main() -> None:
             str(row["missed"]),
             str(row["skipped"]),
             str(row["replicas_claiming"]),
+            *_latency(row),
         ]
         print(" | ".join(cells))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _latency(row: dict[str, Any]) -> list[str]:
+    return [f"{row['event_p50_ms']:.1f}", f"{row['event_p99_ms']:.1f}"]
 
 
 if __name__ == "__main__":
