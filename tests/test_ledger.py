@@ -3,15 +3,18 @@ instances across replicas, leases, lost runs, history and retention."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from corral._ledger import Claim, Ledger
+from conftest import wait_until
+from corral._ledger import Claim, Coordinator, Ledger
 from corral._ledger._records import ERROR_TEXT_LIMIT, from_micros, micros
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -108,6 +111,60 @@ def test_an_outcome_is_recorded_with_its_details_and_bounded_error(
     # The same outcome again is a retry of a write whose answer was lost: it was recorded.
     assert a.finish(won.run_id, "error", error="x")
     assert a.runs(task="job")[0].error == run.error
+
+
+def test_an_error_text_is_stored_whatever_characters_it_holds(replicas: list[Ledger]) -> None:
+    """PostgreSQL refuses NUL in text, and no database stores a lone surrogate: both are
+    written escaped."""
+    a, _ = replicas
+    [won] = a.claim("job", [at(0)], max_instances=1)
+    assert won.run_id is not None
+    assert a.finish(won.run_id, "error", error="ValueError: bad\x00byte \udcff")
+    assert a.runs(task="job")[0].error == "ValueError: bad\\x00byte \\udcff"
+
+
+def test_a_refused_outcome_costs_only_its_details_and_never_holds_the_lease_up(
+    database_url: str,
+) -> None:
+    """A value the database refuses (a pid too large for its column) is not the database being
+    away: that outcome is recorded with its status alone, the others written with it as they
+    are, and the lease goes on being renewed."""
+    coordinator = Coordinator(Ledger(database_url, lease=3), on_lost=lambda _: None)
+    coordinator.start()
+    try:
+        claimed: list[Any] = []
+        coordinator.claim("job", [at(0), at(1)], 5, lambda results, _: claimed.append(results))
+        [[first, second]] = wait_until(lambda: claimed, 30, "the claims")
+        assert first.run_id is not None and second.run_id is not None
+        answers: dict[str, bool | None] = {}
+        coordinator.finish(
+            first.run_id,
+            "error",
+            error="x",
+            worker_pid=2**70,
+            recorded=functools.partial(answers.__setitem__, "first"),
+        )
+        coordinator.finish(
+            second.run_id,
+            "executed",
+            worker_pid=7,
+            recorded=functools.partial(answers.__setitem__, "second"),
+        )
+        wait_until(lambda: len(answers) == 2, 30, "both outcomes answered")
+        assert answers == {"first": True, "second": True}
+        held_until = coordinator.ledger.held.state[1]
+        wait_until(lambda: coordinator.ledger.held.state[1] > held_until, 30, "the lease renewed")
+        stats = coordinator.statistics()
+        assert stats.available and stats.unrecorded_outcomes == 0
+    finally:
+        coordinator.stop()
+    reader = Ledger(database_url)
+    try:
+        runs = {run.scheduled: run for run in reader.runs(task="job")}
+    finally:
+        reader.close()
+    assert (runs[at(0)].status, runs[at(0)].worker_pid, runs[at(0)].error) == ("error", None, None)
+    assert (runs[at(1)].status, runs[at(1)].worker_pid) == ("executed", 7)
 
 
 def test_an_expired_lease_makes_its_runs_lost_once(replicas: list[Ledger], clock: Clock) -> None:

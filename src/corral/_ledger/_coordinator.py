@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -27,7 +28,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from corral._ledger._ledger import Ledger
 from corral._ledger._records import (
@@ -120,6 +128,7 @@ class Coordinator:
         self._counts = collections.Counter[str]()
         self._last_prune = 0.0
         self._joined = False
+        self._left: list[RunRecord] = []  # runs left in progress, as the thread left
         self.stopped = False
         """``stop`` was called: no outcome is taken any more."""
 
@@ -141,31 +150,46 @@ class Coordinator:
 
     def stop(self, timeout: float | None = 10.0) -> list[RunRecord]:
         """Record what is queued, leave the ledger and close it; returns runs left in progress
-        (recorded ``cancelled``). Blocking: call it off the event loop."""
+        (recorded ``cancelled``). Blocking: call it off the event loop.
+
+        The coordinator's thread does it, after the calls queued before. Past ``timeout`` (a
+        database that does not answer) this returns without it: other replicas report this
+        replica's unfinished runs lost once its lease expires."""
         self.stopped = True
         thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(_STOP)
-            thread.join(timeout)
-        # Outcomes queued as it stopped, after the thread's last look: recorded below too.
+        if thread is None:
+            self.ledger.close()
+            return []
+        self._queue.put(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning(
+                "corral could not leave the ledger in %s within %s s: the database does not "
+                "answer (other replicas will report this replica's unfinished runs lost when "
+                "its lease expires)",
+                safe_url(self.ledger.url),
+                timeout,
+            )
+            return []
+        return self._left
+
+    def _leave(self) -> None:
+        """The thread's last step: the outcomes queued as it stopped and those not recorded
+        yet, then deregister."""
         left_over = [item for item in self._more() if item is not _STOP and item[0] == "finish"]
-        self._pending.extend((outcome, done) for _, outcome, done in left_over)
-        left: list[RunRecord] = []
         try:
-            if not self._joined:
-                return left
-            self._retry_pending()
-            left = self.ledger.leave()
-        except (SQLAlchemyError, OSError) as exc:
+            if self._joined:
+                self._finish([(outcome, done) for _, outcome, done in left_over])
+                self._left = self.ledger.leave()
+        except Exception as exc:
             logger.warning(
                 "corral could not deregister from %s at shutdown: %s (other replicas will "
                 "report this replica's unfinished runs lost when its lease expires)",
                 safe_url(self.ledger.url),
-                exc,
+                _one_line(exc),
             )
         finally:
             self.ledger.close()
-        return left
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -263,7 +287,7 @@ class Coordinator:
                         f"{len(request.scheduled)} fire(s); a replica still running may run them"
                     )
                     self._call_back(done, None, error)
-            if stop:
+                self._leave()
                 return
             if time.monotonic() >= next_tick:
                 self._tick()
@@ -293,13 +317,11 @@ class Coordinator:
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done | None) -> None:
         try:
             value = fn(*args)
-        except (SQLAlchemyError, OSError) as exc:
-            self._unavailable(exc)
-            if done is not None:
-                self._call_back(done, None, exc)
-            return
-        except Exception as exc:  # a bug or a bad value: that call's error, never the thread's
-            logger.exception("corral ledger call %s failed", getattr(fn, "__name__", fn))
+        except Exception as exc:
+            if away(exc):
+                self._unavailable(exc)
+            else:  # a bug or a value refused: that call's error, never the thread's
+                logger.exception("corral ledger call %s failed", getattr(fn, "__name__", fn))
             if done is not None:
                 self._call_back(done, None, exc)
             return
@@ -332,16 +354,49 @@ class Coordinator:
         return batches
 
     def _finish(self, outcomes: list[_Finish]) -> None:
+        """Record ``outcomes`` after those still waiting for the database (answered in that
+        order). While the database does not answer, all wait for the next try; a value it
+        refuses costs only its own outcome's details (``_record_each``)."""
+        batch = [*self._pending, *outcomes]
+        self._pending.clear()
+        if not batch:
+            return
         try:
-            self._record(outcomes)
-        except (SQLAlchemyError, OSError):
-            self._pending.extend(outcomes)
+            self._record(batch)
+        except Exception as exc:
+            if not away(exc):
+                self._record_each(batch)
+                return
+            self._pending.extend(batch)
             while len(self._pending) > PENDING_LIMIT:
                 dropped, done = self._pending.popleft()
                 logger.error("corral dropped the unrecorded outcome of run %s", dropped.run_id)
                 if done is not None:
                     done(None)
             raise
+
+    def _record_each(self, batch: list[_Finish]) -> None:
+        """Record one outcome at a time; one the database refuses is recorded with its status
+        alone, and if that is refused too, given up (answered ``None``)."""
+        for index, (outcome, done) in enumerate(batch):
+            bare = dataclasses.replace(outcome, error=None, worker_pid=None, started_at=None)
+            for attempt in (outcome, bare):
+                try:
+                    self._record([(attempt, done)])
+                    break
+                except Exception as exc:
+                    if away(exc):
+                        self._pending.extend(batch[index:])
+                        raise
+                    logger.error(
+                        "corral: the database refused the outcome of run %s%s: %s",
+                        outcome.run_id,
+                        "" if attempt is outcome else " (with its status alone)",
+                        _one_line(exc),
+                    )
+            else:
+                if done is not None:
+                    done(None)
 
     def _record(self, outcomes: list[_Finish]) -> None:
         recorded = self.ledger.finish_many([outcome for outcome, _ in outcomes])
@@ -360,12 +415,6 @@ class Coordinator:
                 except Exception:
                     logger.exception("corral ledger callback %r failed", done)
 
-    def _retry_pending(self) -> None:
-        if self._pending:
-            pending = list(self._pending)
-            self._record(pending)
-            self._pending.clear()
-
     def _tick(self) -> None:
         self._run(self._maintain, (), None)
 
@@ -373,7 +422,6 @@ class Coordinator:
         if not self._joined:
             self.ledger.join()
             self._joined = True
-        self._retry_pending()
         if not self.ledger.renew():
             logger.warning(
                 "This replica's lease in %s had expired (the process was stopped or cut off "
@@ -385,6 +433,7 @@ class Coordinator:
         if lost:
             self._counts["lost"] += len(lost)
             self.on_lost(lost)
+        self._finish([])  # (after the lease: an outcome that fails never holds it up)
         now = time.monotonic()
         if now - self._last_prune >= PRUNE_EVERY:
             self._last_prune = now
@@ -410,6 +459,16 @@ class Coordinator:
         if not self._available:
             self._available = True
             logger.info("corral reaches its database %s again", safe_url(self.ledger.url))
+
+
+def away(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the database cannot be reached now (try again later), rather
+    than that it refused a value."""
+    if isinstance(
+        exc, OSError | OperationalError | InterfaceError | DisconnectionError | PoolTimeoutError
+    ):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -142,8 +142,14 @@ def from_seconds(value: float | None) -> datetime | None:
 
 
 def bounded(text: str | None) -> str | None:
-    """``text`` cut to :data:`ERROR_TEXT_LIMIT` characters."""
-    if text is None or len(text) <= ERROR_TEXT_LIMIT:
+    """``text`` as every database stores it (no NUL, no lone surrogate: written escaped), cut
+    to :data:`ERROR_TEXT_LIMIT` characters."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= ERROR_TEXT_LIMIT:
         return text
     return text[: ERROR_TEXT_LIMIT - 20] + " ... [cut]"
 

@@ -170,7 +170,16 @@ def make_engine(url: str) -> Engine:
             pool_pre_ping=True,
             pool_size=2,
             max_overflow=2,
-            connect_args={"connect_timeout": CONNECT_TIMEOUT},
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT,
+                # A server that stops answering (packets dropped) fails the call it holds up
+                # within seconds, as one that refuses does, instead of in the kernel's minutes.
+                "tcp_user_timeout": CONNECT_TIMEOUT * 1000,
+                "keepalives": 1,
+                "keepalives_idle": CONNECT_TIMEOUT,
+                "keepalives_interval": 1,
+                "keepalives_count": CONNECT_TIMEOUT,
+            },
         )
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
