@@ -497,19 +497,21 @@ async def test_with_a_database_a_runs_event_comes_once_its_outcome_is_recorded(
         reader.close()
 
 
+@pytest.mark.parametrize("stop", ["lease", "kill_running"])
 async def test_a_shutdown_stops_waiting_for_an_outcome_the_database_cannot_record(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stop: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The database goes away as a run ends: its outcome cannot be recorded, so its event is
     not dispatched. A shutdown without a time limit waits for the database no longer than the
-    lease; the run then stays in progress in the ledger until another replica finds the lease
-    expired and reports it lost, its one outcome."""
+    lease, or than ``kill_running()``; the run then stays in progress in the ledger until
+    another replica finds the lease expired and reports it lost, its one outcome."""
+    lease = 2 if stop == "lease" else 120
     url = make_url(fresh_database("postgresql", tmp_path))
     direct = url.render_as_string(hide_password=False)
     proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
     through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     gate = tmp_path / "gate"
-    sched = Scheduler(config(through, replica_lease=2, shutdown_timeout=None))
+    sched = Scheduler(config(through, replica_lease=lease, shutdown_timeout=None))
     sched.add_task(
         shutdown_tasks.wait_for,
         trigger="date",
@@ -518,7 +520,7 @@ async def test_a_shutdown_stops_waiting_for_an_outcome_the_database_cannot_recor
         args=(str(gate),),
         mistrigger_grace_time=30,
     )
-    reaper = Ledger(direct, lease=2)
+    reaper = Ledger(direct, lease=lease)
     try:
         await sched.start()
         recorder = Recorder().attach(sched)
@@ -531,9 +533,17 @@ async def test_a_shutdown_stops_waiting_for_an_outcome_the_database_cannot_recor
         proxy.cut()
         gate.touch()  # the run ends while the database is away
         with caplog.at_level(logging.WARNING, logger="corral.ledger"):
-            await asyncio.wait_for(sched.shutdown(), 60)
+            stopping = asyncio.ensure_future(sched.shutdown())
+            if stop == "kill_running":  # once the shutdown waits for the outcome
+                executor = sched._process_executor
+                assert executor is not None
+                await _eventually(lambda: executor._drain.started, "the shutdown to begin")
+                sched.kill_running()
+            await asyncio.wait_for(stopping, 60)  # (well within a lease of 120 s)
         assert not recorder.matching(TASK_EXECUTED)
         assert "could not be reached at shutdown to record it" in caplog.text
+        if stop == "kill_running":
+            return  # (its lease is long: the reap is the other case's)
         proxy.restore()
         reaper.join()
         lost = await asyncio.to_thread(

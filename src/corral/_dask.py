@@ -148,6 +148,7 @@ class DaskExecutor(RunExecutor):
     def kill_running(self) -> None:
         """Stop every run now (their workers are restarted, or an embedded cluster closed);
         each run time not run to its end is reported as a ``JobCancelledError``."""
+        self._drain.hurry()
         if self.cluster is not None:
             self.cluster.shutdown(wait=False)
 

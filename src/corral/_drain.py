@@ -55,6 +55,7 @@ class Drain:
         self._runs = 0
         self._claims = 0
         self._thread: threading.Thread | None = None
+        self._hurried = False  # everything is being stopped now: wait for nothing that lingers
         self._wakers: list[Callable[[], None]] = []
         self.finished = threading.Event()
         """Set once the pool has shut down and every run has reported its last outcome."""
@@ -106,8 +107,9 @@ class Drain:
             timeout: Seconds the runs may take; ``None``: as long as they take.
             cancel_queued: Cancel what waits for a worker at once (``cancel_futures=True``).
             hand_over: Called on the drain's thread at each look while it waits, with whether
-                the deadline has passed: delivers outcomes that wait for an event loop that no
-                longer runs, and gives up waiting for what cannot come in time.
+                the deadline has passed (or :meth:`hurry` was called): delivers outcomes that
+                wait for an event loop that no longer runs, and gives up waiting for what
+                cannot come in time.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -119,6 +121,13 @@ class Drain:
                 name=f"{pool.name}-shutdown",
             )
         self._thread.start()
+
+    def hurry(self) -> None:
+        """Everything is being stopped now (``kill_running``): from now on the drain looks at
+        what is left as it does past its deadline."""
+        with self._cond:
+            self._hurried = True
+            self._cond.notify_all()
 
     def when_finished(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once :attr:`finished` is set (at once if it is), on the thread
@@ -152,7 +161,7 @@ class Drain:
     ) -> None:
 
         def tick() -> None:
-            hand_over(deadline is not None and time.monotonic() >= deadline)
+            hand_over(self._hurried or (deadline is not None and time.monotonic() >= deadline))
 
         try:
             if not cancel_queued:

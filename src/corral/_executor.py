@@ -134,6 +134,7 @@ class ProcessExecutor(RunExecutor):
     def kill_running(self) -> None:
         """Stop every run now: running jobs are killed (SIGKILL) and the pool shuts down; each
         run time not run to its end is reported as a ``JobCancelledError``. Returns at once."""
+        self._drain.hurry()
         if self.pool is not None:
             self.pool.shutdown(wait=False)
 
