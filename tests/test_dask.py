@@ -375,14 +375,58 @@ async def test_claims_in_a_database_record_each_run_and_its_dask_worker(tmp_path
     assert {run.worker_pid for run in runs} >= pids
 
 
+def lapse(cluster: Any, term: int) -> None:
+    """Let ``term`` of the lease of ``cluster`` (a ``DaskCluster``) lapse, and wait until the
+    Dask scheduler has it so."""
+    from distributed import Client
+
+    cluster.hold_lease(term, -1.0)
+    with Client(cluster.link.scheduler_address(), timeout=30) as client:  # type: ignore[no-untyped-call]
+
+        def lapsed() -> bool:
+            held = client.get_metadata(cluster.lease.key, None) or {}
+            return bool(held.get("until", float("inf")) < time.time())
+
+        wait_until(lapsed, 60, "the lapsed lease on the Dask scheduler")
+
+
+def test_a_started_run_dask_runs_again_after_its_worker_died_is_not_taken_for_a_lapse(
+    tmp_path: Path,
+) -> None:
+    """On a cluster corral did not start, Dask runs a run again when the worker running it dies
+    (``allowed-failures``). A claimed run that had started is reported as the
+    ``WorkerDiedError`` it is, even once the lease has lapsed: not as a run never started."""
+    from distributed import LocalCluster
+
+    from corral._dask_cluster import DaskCluster
+
+    local = LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    cluster = DaskCluster(local.scheduler_address, workers=2)
+    cluster.start()
+    gate = tmp_path / "gate"
+    try:
+        assert cluster.wait_ready(120)
+        cluster.hold_lease(1, 600)
+        run = cluster.submit("shutdown_tasks:wait_for", (str(gate),), lease=1)
+        pid = wait_until(lambda: run.worker_pid, 60, "the run to start")
+        lapse(cluster, 1)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match=rf"\(pid {pid}\) stopped while running"):
+            run.result(60)
+    finally:
+        gate.touch()
+        cluster.shutdown(wait=True, timeout=30)
+        local.close()
+
+
 def test_a_run_under_a_lease_starts_on_a_dask_worker_only_while_the_lease_holds(
     tmp_path: Path,
 ) -> None:
     """A claimed run waits on the cluster behind another while the app is stopped past its
     lease: the Dask worker reads the app's lease right before it would start the run, and does
     not start it. Nor a run of an older term, once the app holds a new one."""
-    from distributed import Client
-
     from corral._dask_cluster import DaskCluster
 
     cluster = DaskCluster(None, workers=1)
@@ -395,14 +439,7 @@ def test_a_run_under_a_lease_starts_on_a_dask_worker_only_while_the_lease_holds(
         first = cluster.submit("shutdown_tasks:wait_for", (str(gate),), lease=1)
         wait_until(lambda: first.worker_pid, 60, "the first run to start")
         queued = cluster.submit("dask_tasks:mark", (str(marker),), lease=1)
-        cluster.hold_lease(1, -1.0)  # the app was stopped past its lease
-        with Client(cluster.link.scheduler_address(), timeout=30) as client:  # type: ignore[no-untyped-call]
-
-            def lapsed() -> bool:
-                held = client.get_metadata(cluster.lease.key, None) or {}
-                return bool(held.get("until", float("inf")) < time.time())
-
-            wait_until(lapsed, 60, "the lapsed lease on the Dask scheduler")
+        lapse(cluster, 1)  # the app was stopped past its lease
         gate.touch()
         assert first.result(60) > 0  # started while the lease held: it ran to its end
         with pytest.raises(JobCancelledError, match=r"not started: the lease .*\(term 1\)") as no:

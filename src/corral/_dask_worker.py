@@ -76,7 +76,9 @@ def run(
     start = {"worker": str(worker.address), "pid": os.getpid(), "at": time.time()}
     lease = meta.get("lease")  # (the app's lease record, the term the run was claimed in)
     if lease is not None:
-        held = sync(worker.loop, worker.scheduler.get_metadata, keys=lease[0], default=None)
+        held, first = sync(worker.loop, _before_start, worker, lease[0], key)
+        if first is not None:  # it started before (Dask runs it again): not a lapse
+            return REFUSED, {"first": first, **start}
         if not _holds(held, lease[1]):
             return LAPSED, {"held": held, **start}
     levels = dict(meta["levels"])
@@ -107,6 +109,21 @@ def _holds(held: Any, term: int) -> bool:
     return bool(held.get("term") == term and time.time() < float(held.get("until", 0)))
 
 
+async def _before_start(worker: Any, lease_record: list[str], key: str) -> tuple[Any, Any]:
+    """The app's lease, and the first start recorded under ``key`` if any (one round trip)."""
+    held, recorded = await asyncio.gather(
+        worker.scheduler.get_metadata(keys=lease_record, default=None),
+        worker.scheduler.get_metadata(keys=[key, START_RECORD], default=None),
+    )
+    return held, _first(recorded)
+
+
+def _first(recorded: Any, token: str | None = None) -> Any:
+    """The earliest of the starts ``recorded`` (by token), leaving out ``token``'s own."""
+    others = [s for t, s in (recorded or {}).items() if t != token and isinstance(s, dict)]
+    return min(others, key=lambda s: s.get("at", 0)) if others else None
+
+
 async def _record_start(worker: Any, key: str, start: dict[str, Any]) -> Any:
     """Record this start under ``key``; return a start recorded there by another, if any.
 
@@ -119,8 +136,7 @@ async def _record_start(worker: Any, key: str, start: dict[str, Any]) -> Any:
         worker.scheduler.get_metadata(keys=[key, START_RECORD], default=None),
         worker.scheduler.set_metadata(keys=[key, START_RECORD, token], value=start),
     )
-    others = [s for t, s in (recorded or {}).items() if t != token]
-    return min(others, key=lambda s: s.get("at", 0)) if others else None
+    return _first(recorded, token)
 
 
 def _call(reference: str, args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> Any:
