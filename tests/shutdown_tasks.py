@@ -16,6 +16,15 @@ def wait_for(path: str) -> int:
     return os.getpid()
 
 
+def mark_then_wait_for(mark: str, path: str) -> str:
+    """Create the file ``mark``, then return once the file ``path`` exists."""
+    Path(mark).touch()
+    gate = Path(path)
+    while not gate.exists():
+        time.sleep(0.01)
+    return mark
+
+
 def stuck() -> None:
     """Never return: only a timeout or a kill ends it."""
     while True:

@@ -558,6 +558,39 @@ async def test_a_shutdown_stops_waiting_for_an_outcome_the_database_cannot_recor
         reaper.close()
 
 
+async def test_a_shutdown_waits_for_thread_executor_runs_and_records_them(tmp_path: Path) -> None:
+    """asyncz's ``shutdown(wait=True)`` waits for the runs its thread pool was handed: so does
+    the scheduler's, and each outcome is recorded and reported before it returns (not recorded
+    ``cancelled`` by the replica leaving while its event comes later)."""
+    url = fresh_database("sqlite", tmp_path)
+    mark, gate = tmp_path / "mark", tmp_path / "gate"
+    sched = Scheduler(config(url, executor="thread", mistrigger_grace_time=30))
+    sched.add_task(
+        shutdown_tasks.mark_then_wait_for,
+        trigger="date",
+        run_date=datetime.now(UTC),
+        name="slow",
+        args=(str(mark), str(gate)),
+    )
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    try:
+        await _eventually(mark.exists, "the run to start in a thread")
+        stopping = asyncio.ensure_future(sched.shutdown())
+        await _eventually(lambda: sched.asyncz is None, "the shutdown to begin")
+        gate.touch()
+        await asyncio.wait_for(stopping, 60)
+    finally:
+        gate.touch()
+    [event] = recorder.matching(TASK_EXECUTED, "slow")
+    assert event.return_value == str(mark)
+    ledger = Ledger(url)
+    try:
+        assert [r.status for r in ledger.runs(task="slow")] == ["executed"]
+    finally:
+        ledger.close()
+
+
 def test_a_delayed_claim_is_made_by_the_ledgers_thread_without_an_event_loop(
     tmp_path: Path,
 ) -> None:

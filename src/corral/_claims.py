@@ -333,8 +333,8 @@ class Claims:
         The event is dispatched only once the outcome is recorded: a run whose outcome is not
         in the ledger may be reported lost by another replica (this one stopped, or was cut
         off from the database, for longer than its lease), and that report is then its one
-        outcome. Once the coordinator has stopped, nothing can be recorded: the event goes on
-        at once."""
+        outcome. Once the coordinator has stopped (a thread executor's run that outlived a
+        shutdown), nothing can be recorded: the event goes on at once, with a WARNING."""
         event = held.event
         scheduled = getattr(event, "scheduled_run_time", None)
         if event is self._passing or not isinstance(scheduled, datetime):
@@ -344,6 +344,12 @@ class Claims:
             return False
         status, error = _status_of(event)
         if self.coordinator.stopped:
+            logger.warning(
+                "The outcome of task %r (run time %s) came after this replica left the ledger: "
+                "it is reported here, and the ledger has the run as cancelled",
+                event.task_id,
+                event.scheduled_run_time,
+            )
             return False
         held.term = run.term
         self._unconfirmed[run.run_id] = held

@@ -72,6 +72,7 @@ class Scheduler:
         self.asyncz: NativeAsyncIOScheduler | None = None
         self._process_executor: ProcessExecutor | None = None
         self._dask_executor: DaskExecutor | None = None
+        self._thread_executor: ThreadExecutor | None = None
         self._claims: Claims | None = None
         self._rerun_lost: dict[str, bool] = {}
         self.replica_id: str | None = None
@@ -159,7 +160,8 @@ class Scheduler:
 
         Runs still waiting for a worker run too, and so do the further run times of a run.
         Past ``timeout`` what is left is stopped (SIGTERM, ``kill_grace``, SIGKILL) and reported
-        as ``JobCancelledError``. :meth:`kill_running` stops them at once.
+        as ``JobCancelledError``; the thread executor's runs cannot be stopped, and go on
+        unwaited. :meth:`kill_running` stops them at once.
 
         Args:
             wait: Return once they are over; ``False``: return at once while they finish (and
@@ -173,16 +175,12 @@ class Scheduler:
         if scheduler_ is None:
             return
         scheduler_.pause()
-        if self._process_executor is not None:
-            if wait:
-                await self._process_executor.aclose(timeout)
-            else:
-                self._process_executor.shutdown(wait=False, timeout=timeout)
-        if self._dask_executor is not None:
-            if wait:
-                await self._dask_executor.aclose(timeout)
-            else:
-                self._dask_executor.shutdown(wait=False, timeout=timeout)
+        drained = [e for e in (self._process_executor, self._dask_executor) if e is not None]
+        if wait:  # (side by side: each within the same timeout)
+            await asyncio.gather(*(e.aclose(timeout) for e in drained), self._threads_done(timeout))
+        else:
+            for executor in drained:
+                executor.shutdown(wait=False, timeout=timeout)
         await scheduler_.shutdown(wait=False)
         await asyncio.sleep(0)  # let events queued from the pool's thread reach listeners
         if wait:
@@ -190,6 +188,13 @@ class Scheduler:
         else:
             self._leave_ledger_when_drained()
         logger.info("corral scheduler stopped")
+
+    async def _threads_done(self, timeout: float | None) -> None:
+        """The thread executor's runs handed over finish first, as asyncz's
+        ``shutdown(wait=True)`` promises, within ``timeout``: a thread cannot be stopped, so
+        past it they go on, unwaited."""
+        if self._thread_executor is not None:
+            await anyio.to_thread.run_sync(_join_threads, self._thread_executor, timeout)
 
     def kill_running(self) -> None:
         """Stop running jobs now (a second Ctrl-C); a shutdown in progress then completes.
@@ -343,10 +348,14 @@ class Scheduler:
             for executor in (self._process_executor, self._dask_executor)
             if executor is not None
         ]
+        threads = self._thread_executor
+        timeout = self.config.shutdown_timeout
 
         def leave() -> None:
             for finished in drains:
                 finished.wait()
+            if threads is not None:
+                _join_threads(threads, timeout)
             claims.coordinator.stop()
             claims.unconfirmed_later()
             self._final_ledger_statistics = claims.coordinator.statistics()
@@ -391,7 +400,7 @@ class Scheduler:
             return self._dask_executor
         executor: ThreadExecutor | AsyncIOExecutor
         if kind == "thread":
-            executor = ThreadExecutor(max_workers=self.config.workers)
+            executor = self._thread_executor = ThreadExecutor(max_workers=self.config.workers)
         else:
             executor = AsyncIOExecutor()
         executor.claims = self._claims
@@ -445,6 +454,13 @@ class _AsynczScheduler(NativeAsyncIOScheduler):
 
 
 _BY_REFERENCE = ("process", "dask")  # executors whose functions travel by reference
+
+
+def _join_threads(executor: ThreadExecutor, timeout: float | None) -> None:
+    """Wait until the runs ``executor`` was handed are over, for ``timeout`` seconds at most."""
+    joining = threading.Thread(target=executor.shutdown, args=(True,), daemon=True)
+    joining.start()
+    joining.join(timeout)
 
 
 def _no_lost_runs(lost: list[LostRun]) -> None:  # replaced by Claims
