@@ -405,7 +405,8 @@ class Claims:
         """After the coordinator stopped: log the outcomes still held. The database could not
         be reached to record them: their runs stay in progress in the ledger until a replica
         finds this one's lease expired and reports them lost, which is then their outcome."""
-        for held in list(self._unconfirmed.values()):
+        while self._unconfirmed:  # (one at a time: a thread executor's outcome may come now)
+            _, held = self._unconfirmed.popitem()
             held.end()
             logger.warning(
                 "The outcome of task %r (run time %s) is not reported by this replica: the "
@@ -415,7 +416,6 @@ class Claims:
                 held.event.task_id,
                 held.event.scheduled_run_time,
             )
-        self._unconfirmed.clear()
 
     def unconfirmed_later(self) -> None:
         """:meth:`unconfirmed`, from another thread (on the loop, if it still runs), after the
