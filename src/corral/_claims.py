@@ -48,6 +48,7 @@ from corral._exceptions import (
 from corral._ledger import Claim, ClaimResult, ClaimWithdrawn, Coordinator, LostRun, RunStatus
 from corral._ledger._records import from_micros, micros
 from corral._ledger._schema import safe_url
+from corral._outcomes import HeldOutcome, HeldOutcomes
 
 if TYPE_CHECKING:
     from asyncz.tasks.types import TaskType
@@ -115,10 +116,10 @@ class Claims:
         self._early: list[LostRun] | None = []
         # Reruns waiting for a free instance of their task, and the handle of their next claim.
         self._waiting: dict[tuple[str, tuple[int, ...]], asyncio.TimerHandle] = {}
-        # Outcome events held until the ledger says whether their run was still this replica's,
-        # by run id.
-        self._unconfirmed: dict[int, _Held] = {}
         self._passing: Any = None  # an event decided here, being dispatched
+        self.outcomes = HeldOutcomes(coordinator, self.lease, self._call_soon, self._pass)
+        """Outcome events held until the ledger says whether their run was still this
+        replica's."""
         coordinator.on_lost = self._on_lost_thread
 
     def ready(self) -> None:
@@ -168,7 +169,7 @@ class Claims:
         if getattr(event, "task_id", None) is None:
             return False
         if event.code & OUTCOME_EVENTS:
-            return self._finish(_Held(event))
+            return self._finish(HeldOutcome(event))
         if event.code != TASK_SUBMITTED:
             return False
         held = self._held.get(_key(str(event.task_id), list(event.scheduled_run_times)))
@@ -307,8 +308,9 @@ class Claims:
         """Dispatch the outcome event of a fire claimed in ``term`` (as ``hold`` does for an
         event it meets, but knowing which of the fire's runs it is about). ``ended`` (the run
         is over for its executor) is called once, right before the event is dispatched or
-        dropped, or when a shutdown stops waiting for the ledger (:meth:`stop_waiting`)."""
-        held = _Held(event, ended)
+        dropped, or when a shutdown stops waiting for the ledger
+        (:meth:`HeldOutcomes.stop_waiting`)."""
+        held = HeldOutcome(event, ended)
         try:
             if self._finish(held, term):
                 return
@@ -326,9 +328,9 @@ class Claims:
         finally:
             self._passing = None
 
-    def _finish(self, held: _Held, term: int | None = None) -> bool:
+    def _finish(self, held: HeldOutcome, term: int | None = None) -> bool:
         """Record the outcome of a claimed run in the ledger; ``True``: its event waits for the
-        ledger's answer (``_confirmed``).
+        ledger's answer (``HeldOutcomes``).
 
         The event is dispatched only once the outcome is recorded: a run whose outcome is not
         in the ledger may be reported lost by another replica (this one stopped, or was cut
@@ -351,89 +353,16 @@ class Claims:
                 event.scheduled_run_time,
             )
             return False
-        held.term = run.term
-        self._unconfirmed[run.run_id] = held
-
-        def recorded(was_recorded: bool | None) -> None:
-            self._call_soon(self._confirmed, run.run_id, was_recorded)
-
-        self.coordinator.finish(
+        self.outcomes.record(
+            held,
             run.run_id,
+            run.term,
             status,
             error=error,
             worker_pid=run.worker_pid,
             started_at=run.started_at,
-            recorded=recorded,
         )
         return True
-
-    def _confirmed(self, run_id: int, was_recorded: bool | None) -> None:
-        """The ledger's answer for a held outcome: recorded (``True``), or not written at all
-        (``None``: the coordinator stopped, or gave it up): dispatched; the run had been
-        reported lost (``False``): dropped."""
-        held = self._unconfirmed.pop(run_id, None)
-        if held is None:
-            return
-        held.end()
-        event = held.event
-        if was_recorded is False:
-            logger.warning(
-                "The outcome of task %r (run time %s) is not reported by this replica: its "
-                "lease expired before the outcome was recorded, and another replica reported "
-                "the run lost (ReplicaLostError)",
-                event.task_id,
-                event.scheduled_run_time,
-            )
-            return
-        self._pass(event)
-
-    def stop_waiting(self, late: bool) -> None:
-        """A shutdown stops waiting for the ledger's answers that may not come in time (any
-        thread): all of them once past its deadline (``late``); else those whose run's lease
-        may have lapsed (the database does not answer, and is waited for no longer than the
-        lease). Their runs end for their executors; their events still wait for the answer
-        (up to :meth:`unconfirmed`)."""
-        if self._unconfirmed:
-            self._call_soon(self._stop_waiting, late)
-
-    def _stop_waiting(self, late: bool) -> None:
-        for held in list(self._unconfirmed.values()):
-            if late or held.term is None or not self.lease.holds(held.term):
-                held.end()
-
-    def unconfirmed(self) -> None:
-        """After the coordinator stopped: log the outcomes still held. The database could not
-        be reached to record them: their runs stay in progress in the ledger until a replica
-        finds this one's lease expired and reports them lost, which is then their outcome."""
-        while self._unconfirmed:  # (one at a time: a thread executor's outcome may come now)
-            _, held = self._unconfirmed.popitem()
-            held.end()
-            logger.warning(
-                "The outcome of task %r (run time %s) is not reported by this replica: the "
-                "database could not be reached at shutdown to record it; the replica that "
-                "finds this replica's lease expired (another one, or this one started again) "
-                "reports the run lost (ReplicaLostError)",
-                held.event.task_id,
-                held.event.scheduled_run_time,
-            )
-
-    def unconfirmed_later(self) -> None:
-        """:meth:`unconfirmed`, from another thread (on the loop, if it still runs), after the
-        answers the coordinator's stop handed over."""
-        self._call_soon(self.unconfirmed)
-
-    async def left(self) -> None:
-        """:meth:`unconfirmed_later`, awaited on the loop."""
-        logged = asyncio.Event()
-
-        def log() -> None:
-            try:
-                self.unconfirmed()
-            finally:
-                logged.set()
-
-        self._call_soon(log)
-        await logged.wait()
 
     def stop(self) -> None:
         """The scheduler is stopping (on the loop): reruns still waiting will not run."""
@@ -532,23 +461,6 @@ class _OpenRuns:
             if not runs:
                 del self._by_fire[key]
         return run
-
-
-class _Held:
-    """An outcome event waiting for the ledger's answer, and the end of its run for the
-    executor (called once)."""
-
-    __slots__ = ("ended", "event", "term")
-
-    def __init__(self, event: Any, ended: Callable[[], None] | None = None) -> None:
-        self.event = event
-        self.ended = ended
-        self.term: int | None = None  # the lease term its run was claimed in
-
-    def end(self) -> None:
-        ended, self.ended = self.ended, None
-        if ended is not None:
-            ended()
 
 
 class _OpenRun:

@@ -316,9 +316,9 @@ class RunExecutor(BaseExecutor):
     def _at_drain_tick(self, late: bool) -> None:
         """While a shutdown waits for runs (its thread, every tick; ``late``: past its
         deadline): hand over what waits for a loop that no longer runs, and stop waiting for
-        outcomes the ledger may not record in time (``Claims.stop_waiting``)."""
+        outcomes the ledger may not record in time (``HeldOutcomes.stop_waiting``)."""
         if self.claims is not None:
-            self.claims.stop_waiting(late)
+            self.claims.outcomes.stop_waiting(late)
         self._delivery.run_if_stranded()
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:

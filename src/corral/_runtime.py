@@ -334,7 +334,7 @@ class Scheduler:
         if claims is not None:
             claims.stop()
             await anyio.to_thread.run_sync(claims.coordinator.stop)
-            await claims.left()  # (after the answers the stop delivered)
+            await claims.outcomes.left()  # (after the answers the stop delivered)
             self._final_ledger_statistics = claims.coordinator.statistics()
 
     def _leave_ledger_when_drained(self) -> None:
@@ -357,7 +357,7 @@ class Scheduler:
             if threads is not None:
                 _join_threads(threads, timeout)
             claims.coordinator.stop()
-            claims.unconfirmed_later()
+            claims.outcomes.unconfirmed_later()
             self._final_ledger_statistics = claims.coordinator.statistics()
 
         threading.Thread(target=leave, name="corral-ledger-leave").start()
