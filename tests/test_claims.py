@@ -591,6 +591,33 @@ async def test_a_shutdown_waits_for_thread_executor_runs_and_records_them(tmp_pa
         ledger.close()
 
 
+async def test_kill_running_ends_a_shutdown_that_waits_for_thread_executor_runs(
+    tmp_path: Path,
+) -> None:
+    """A thread cannot be stopped, and a shutdown without a time limit waits for the thread
+    executor's runs; a second Ctrl-C (``kill_running``) ends that wait."""
+    mark, gate = tmp_path / "mark", tmp_path / "gate"
+    sched = Scheduler(config(fresh_database("sqlite", tmp_path), executor="thread"))
+    sched.add_task(
+        shutdown_tasks.mark_then_wait_for,
+        trigger="date",
+        run_date=datetime.now(UTC),
+        name="stuck",
+        args=(str(mark), str(gate)),
+        mistrigger_grace_time=30,
+    )
+    await sched.start()
+    try:
+        await _eventually(mark.exists, "the run to start in a thread")
+        stopping = asyncio.ensure_future(sched.shutdown(timeout=None))
+        await _eventually(lambda: sched.asyncz is None, "the shutdown to begin")
+        sched.kill_running()
+        await asyncio.wait_for(stopping, 60)
+        assert not gate.exists()  # (the run itself goes on, unwaited)
+    finally:
+        gate.touch()
+
+
 def test_a_delayed_claim_is_made_by_the_ledgers_thread_without_an_event_loop(
     tmp_path: Path,
 ) -> None:
@@ -801,6 +828,31 @@ async def test_an_outcome_event_waits_for_the_ledger_and_is_dropped_if_the_run_w
         assert await bench.recorded(moments[2]) == "executed"
         await _eventually(lambda: len(scheduler.dispatched) > 1, "the held event dispatched")
         assert scheduler.dispatched == [first, third]
+
+
+async def test_an_outcome_given_up_at_shutdown_is_still_reported_if_the_database_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica leaves while an outcome's write waits for the database, and stops waiting
+    for it: the outcome is logged as not reported. If the write then completes, its event
+    follows: the run has its one outcome, the one in the ledger."""
+    fire = datetime(2030, 1, 1, tzinfo=UTC)
+    async with _bench(tmp_path) as bench:
+        bench.claim([fire])
+        assert await bench.claimed(1) == 1
+        entered, release = _stall(monkeypatch, "finish_many")
+        outcome = bench.outcome(fire)
+        bench.scheduler.dispatch_event(outcome)
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert await asyncio.to_thread(bench.coordinator.stop, 0.05) == []  # it gives up
+        with caplog.at_level(logging.WARNING, logger="corral.ledger"):
+            await bench.claims.outcomes.left()
+        assert "is not reported by this replica" in caplog.text
+        assert bench.scheduler.dispatched == []
+        release.set()
+        await _eventually(lambda: bench.scheduler.dispatched, "the event, once recorded")
+        assert bench.scheduler.dispatched == [outcome]
+        assert bench.status(fire) == "executed"
 
 
 async def test_a_thread_or_asyncio_run_starts_only_while_its_claims_lease_holds() -> None:

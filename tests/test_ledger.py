@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from conftest import wait_until
 from corral._ledger import Claim, Coordinator, Ledger
-from corral._ledger._records import ERROR_TEXT_LIMIT, from_micros, micros
+from corral._ledger._records import ERROR_TEXT_LIMIT, ClaimRequest, from_micros, micros
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -165,6 +165,24 @@ def test_a_refused_outcome_costs_only_its_details_and_never_holds_the_lease_up(
         reader.close()
     assert (runs[at(0)].status, runs[at(0)].worker_pid, runs[at(0)].error) == ("error", None, None)
     assert (runs[at(1)].status, runs[at(1)].worker_pid) == ("executed", 7)
+
+
+def test_a_claim_the_database_refuses_fails_alone(database_url: str) -> None:
+    """Claims queued together share one transaction; one whose task name the database refuses
+    (no database stores a lone surrogate) fails alone, not the claims beside it."""
+    ledger = Ledger(database_url)
+    coordinator = Coordinator(ledger, on_lost=lambda _: None)
+    try:
+        ledger.join()
+        refused, won = coordinator._claim(
+            [ClaimRequest("bad\ud800", [at(0)], 1), ClaimRequest("good", [at(0)], 1)]
+        )
+        assert isinstance(refused, Exception)
+        assert not isinstance(won, BaseException) and won[0].claim is Claim.WON
+        assert coordinator.statistics().claims_failed == 1
+        assert coordinator.statistics().available
+    finally:
+        ledger.close()
 
 
 def test_an_expired_lease_makes_its_runs_lost_once(replicas: list[Ledger], clock: Clock) -> None:

@@ -46,6 +46,7 @@ from corral._exceptions import (
     WorkerDiedError,
 )
 from corral._ledger import Claim, ClaimResult, ClaimWithdrawn, Coordinator, LostRun, RunStatus
+from corral._ledger._coordinator import away
 from corral._ledger._records import from_micros, micros
 from corral._ledger._schema import safe_url
 from corral._outcomes import HeldOutcome, HeldOutcomes
@@ -258,7 +259,11 @@ class Claims:
                     f"task {task.id!r}, run time {run_time.isoformat()}: not run, because its "
                     f"fire could not be claimed in {url} ({type(error).__name__}: "
                     f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
-                    f"check that the database is reachable",
+                    + (
+                        "check that the database is reachable"
+                        if error is None or away(error)
+                        else "the database refused the claim (check the task's name)"
+                    ),
                     database=url,
                 )
             logger.error("%s", exc)

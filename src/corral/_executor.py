@@ -33,7 +33,7 @@ from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 from corral._pool._supervisor import WAIT_WARNING, JobFuture
-from corral._runs import Run, RunExecutor, missed_event, nothing
+from corral._runs import Run, RunExecutor, error_event, missed_event, nothing
 
 _WAIT_WARNING_EVERY = 60.0  # seconds between two warnings of one task waiting for a worker
 _WAIT_WARNINGS_AT_MOST = 5  # tasks warned about in one such interval (then a count)
@@ -282,6 +282,15 @@ class _ClaimsFirst:
         except MaximumInstancesError as exc:
             assert self.claims is not None
             self.claims.skip(task, run_times, exc, term)
+        except RuntimeError:  # its pool shut down while the claim was in flight
+            for run_time in run_times:
+                cancelled = JobCancelledError(
+                    f"run time {run_time} of task {task.id!r} was cancelled at shutdown before "
+                    f"it started: the executor had shut down while its fire was being claimed",
+                    job_id=None,
+                    started=False,
+                )
+                self.claims.dispatch(error_event(task, run_time, cancelled), term)
 
 
 class ThreadExecutor(_ClaimsFirst, _AsynczThreadPoolExecutor):

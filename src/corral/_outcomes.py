@@ -39,7 +39,8 @@ class HeldOutcome:
 
 
 class HeldOutcomes:
-    """The outcome events waiting for the ledger, by run id (on the scheduler's loop).
+    """The outcome events waiting for the ledger, by run id (recorded from the thread that
+    reports the outcome, answered on the scheduler's loop).
 
     Args:
         coordinator: Records the outcomes.
@@ -61,6 +62,9 @@ class HeldOutcomes:
         self._call_soon = call_soon
         self._dispatch = dispatch
         self._waiting: dict[int, HeldOutcome] = {}
+        # Given up at shutdown (the database did not answer): dispatched if it still records
+        # them, as the replica leaves.
+        self._given_up: dict[int, HeldOutcome] = {}
 
     def record(
         self,
@@ -94,8 +98,10 @@ class HeldOutcomes:
         coordinator stopped, or gave it up): dispatched; the run had been reported lost
         (``False``): dropped."""
         held = self._waiting.pop(run_id, None)
-        if held is None:
-            return
+        if held is None:  # given up: logged as not reported, and reported only if recorded
+            held = self._given_up.pop(run_id, None)
+            if held is None or not was_recorded:
+                return
         held.end()
         event = held.event
         if was_recorded is False:
@@ -126,15 +132,18 @@ class HeldOutcomes:
     def unconfirmed(self) -> None:
         """After the coordinator stopped: log the outcomes still held. The database could not
         be reached to record them: their runs stay in progress in the ledger until a replica
-        finds this one's lease expired and reports them lost, which is then their outcome."""
+        finds this one's lease expired and reports them lost, which is then their outcome. If
+        the database still records one (it answers as the replica leaves), its event follows."""
         while self._waiting:  # (one at a time: a thread executor's outcome may come now)
-            _, held = self._waiting.popitem()
+            run_id, held = self._waiting.popitem()
             held.end()
+            self._given_up[run_id] = held
             logger.warning(
                 "The outcome of task %r (run time %s) is not reported by this replica: the "
                 "database could not be reached at shutdown to record it; the replica that "
                 "finds this replica's lease expired (another one, or this one started again) "
-                "reports the run lost (ReplicaLostError)",
+                "reports the run lost (ReplicaLostError); if the database still records it, "
+                "its event follows",
                 held.event.task_id,
                 held.event.scheduled_run_time,
             )

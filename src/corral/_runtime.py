@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,7 @@ class Scheduler:
         self._process_executor: ProcessExecutor | None = None
         self._dask_executor: DaskExecutor | None = None
         self._thread_executor: ThreadExecutor | None = None
+        self._killed = threading.Event()  # kill_running(): wait for no run any more
         self._claims: Claims | None = None
         self._rerun_lost: dict[str, bool] = {}
         self.replica_id: str | None = None
@@ -121,6 +123,7 @@ class Scheduler:
             return
         if self.asyncz is not None:
             return
+        self._killed.clear()
         for module in self.config.modules:
             try:
                 importlib.import_module(module)
@@ -186,7 +189,7 @@ class Scheduler:
         if wait:
             await self._leave_ledger()
         else:
-            self._leave_ledger_when_drained()
+            self._leave_ledger_when_drained(timeout)
         logger.info("corral scheduler stopped")
 
     async def _threads_done(self, timeout: float | None) -> None:
@@ -194,7 +197,8 @@ class Scheduler:
         ``shutdown(wait=True)`` promises, within ``timeout``: a thread cannot be stopped, so
         past it they go on, unwaited."""
         if self._thread_executor is not None:
-            await anyio.to_thread.run_sync(_join_threads, self._thread_executor, timeout)
+            threads, killed = self._thread_executor, self._killed
+            await anyio.to_thread.run_sync(_join_threads, threads, timeout, killed)
 
     def kill_running(self) -> None:
         """Stop running jobs now (a second Ctrl-C); a shutdown in progress then completes.
@@ -202,6 +206,7 @@ class Scheduler:
         Running jobs are killed (SIGKILL), and every run time not run to its end is reported as
         ``JobCancelledError``; the worker pool shuts down, so later runs are cancelled too.
         """
+        self._killed.set()
         if self._process_executor is not None:
             self._process_executor.kill_running()
         if self._dask_executor is not None:
@@ -337,7 +342,7 @@ class Scheduler:
             await claims.outcomes.left()  # (after the answers the stop delivered)
             self._final_ledger_statistics = claims.coordinator.statistics()
 
-    def _leave_ledger_when_drained(self) -> None:
+    def _leave_ledger_when_drained(self, timeout: float | None) -> None:
         """After ``shutdown(wait=False)``: record the runs still finishing, then leave."""
         claims, self._claims = self._claims, None
         if claims is None:
@@ -348,14 +353,13 @@ class Scheduler:
             for executor in (self._process_executor, self._dask_executor)
             if executor is not None
         ]
-        threads = self._thread_executor
-        timeout = self.config.shutdown_timeout
+        threads, killed = self._thread_executor, self._killed
 
         def leave() -> None:
             for finished in drains:
                 finished.wait()
             if threads is not None:
-                _join_threads(threads, timeout)
+                _join_threads(threads, timeout, killed)
             claims.coordinator.stop()
             claims.outcomes.unconfirmed_later()
             self._final_ledger_statistics = claims.coordinator.statistics()
@@ -456,11 +460,20 @@ class _AsynczScheduler(NativeAsyncIOScheduler):
 _BY_REFERENCE = ("process", "dask")  # executors whose functions travel by reference
 
 
-def _join_threads(executor: ThreadExecutor, timeout: float | None) -> None:
-    """Wait until the runs ``executor`` was handed are over, for ``timeout`` seconds at most."""
+def _join_threads(executor: ThreadExecutor, timeout: float | None, killed: threading.Event) -> None:
+    """Wait until the runs ``executor`` was handed are over, for ``timeout`` seconds at most,
+    and no longer once ``killed`` is set."""
     joining = threading.Thread(target=executor.shutdown, args=(True,), daemon=True)
     joining.start()
-    joining.join(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while joining.is_alive() and not killed.is_set():
+        left = _TICK if deadline is None else min(_TICK, deadline - time.monotonic())
+        if left <= 0:
+            return
+        joining.join(left)
+
+
+_TICK = 0.1  # seconds between two looks at a kill_running() while thread runs are waited for
 
 
 def _no_lost_runs(lost: list[LostRun]) -> None:  # replaced by Claims

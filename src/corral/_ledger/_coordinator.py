@@ -91,11 +91,17 @@ class _Fanout:
         self.claims = claims
 
     def __call__(
-        self, batches: list[list[ClaimResult]] | None, error: BaseException | None
+        self,
+        batches: list[list[ClaimResult] | BaseException] | None,
+        error: BaseException | None,
     ) -> None:
         for index, (_, done) in enumerate(self.claims):
+            results = None if batches is None else batches[index]
             try:
-                done(None if batches is None else batches[index], error)
+                if isinstance(results, BaseException):  # refused alone
+                    done(None, results)
+                else:
+                    done(results, error)
             except Exception:
                 logger.exception("corral ledger callback %r failed", done)
 
@@ -155,10 +161,11 @@ class Coordinator:
         The coordinator's thread does it, after the calls queued before. Past ``timeout`` (a
         database that does not answer) this returns without it: other replicas report this
         replica's unfinished runs lost once its lease expires."""
-        self.stopped = True
+        stopped, self.stopped = self.stopped, True
         thread, self._thread = self._thread, None
-        if thread is None:
-            self.ledger.close()
+        if thread is None:  # never started, or stopped already (its thread closes the ledger)
+            if not stopped:
+                self.ledger.close()
             return []
         self._queue.put(_STOP)
         thread.join(timeout)
@@ -336,13 +343,20 @@ class Coordinator:
         except Exception:
             logger.exception("corral ledger callback %r failed", done)
 
-    def _claim(self, requests: list[ClaimRequest]) -> list[list[ClaimResult]]:
+    def _claim(self, requests: list[ClaimRequest]) -> list[list[ClaimResult] | BaseException]:
+        """Claim ``requests`` in one transaction; if the database refuses a value (not a
+        connection error), one at a time, so that only the claim refused fails."""
+        batches: list[list[ClaimResult] | BaseException]
         try:
-            batches = self.ledger.claim_many(requests)
-        except (SQLAlchemyError, OSError):
-            self._counts["failed"] += sum(len(request.scheduled) for request in requests)
-            raise
+            batches = list(self.ledger.claim_many(requests))
+        except Exception as exc:
+            if away(exc) or len(requests) == 1:
+                self._counts["failed"] += sum(len(request.scheduled) for request in requests)
+                raise
+            batches = [self._claim_alone(request) for request in requests]
         for request, results in zip(requests, batches, strict=True):
+            if isinstance(results, BaseException):
+                continue
             for result in results:
                 self._counts[result.claim.value] += 1
                 if result.claim is Claim.TAKEN:
@@ -352,6 +366,21 @@ class Coordinator:
                         request.task,
                     )
         return batches
+
+    def _claim_alone(self, request: ClaimRequest) -> list[ClaimResult] | BaseException:
+        try:
+            return self.ledger.claim_many([request])[0]
+        except Exception as exc:
+            self._counts["failed"] += len(request.scheduled)
+            if away(exc):
+                self._unavailable(exc)
+            else:
+                logger.error(
+                    "corral: the database refused the claim of task %r: %s",
+                    request.task,
+                    _one_line(exc),
+                )
+            return exc
 
     def _finish(self, outcomes: list[_Finish]) -> None:
         """Record ``outcomes`` after those still waiting for the database (answered in that
