@@ -421,11 +421,7 @@ async def test_a_fire_being_claimed_when_shutdown_begins_runs_before_the_pool_st
     await stopping
     [event] = recorder.matching(TASK_EXECUTED, "sum")
     assert event.return_value == 3
-    ledger = Ledger(url)
-    try:
-        assert [r.status for r in ledger.runs(task="sum")] == ["executed"]
-    finally:
-        ledger.close()
+    assert _statuses(url, "sum") == ["executed"]
 
 
 async def test_a_fire_being_claimed_when_a_blocking_shutdown_begins_on_the_loop_runs_first(
@@ -563,32 +559,17 @@ async def test_a_shutdown_waits_for_thread_executor_runs_and_records_them(tmp_pa
     the scheduler's, and each outcome is recorded and reported before it returns (not recorded
     ``cancelled`` by the replica leaving while its event comes later)."""
     url = fresh_database("sqlite", tmp_path)
-    mark, gate = tmp_path / "mark", tmp_path / "gate"
-    sched = Scheduler(config(url, executor="thread", mistrigger_grace_time=30))
-    sched.add_task(
-        shutdown_tasks.mark_then_wait_for,
-        trigger="date",
-        run_date=datetime.now(UTC),
-        name="slow",
-        args=(str(mark), str(gate)),
-    )
-    await sched.start()
-    recorder = Recorder().attach(sched)
+    sched, recorder, gate = await _thread_run_started(url, tmp_path)
     try:
-        await _eventually(mark.exists, "the run to start in a thread")
         stopping = asyncio.ensure_future(sched.shutdown())
         await _eventually(lambda: sched.asyncz is None, "the shutdown to begin")
         gate.touch()
         await asyncio.wait_for(stopping, 60)
     finally:
         gate.touch()
-    [event] = recorder.matching(TASK_EXECUTED, "slow")
-    assert event.return_value == str(mark)
-    ledger = Ledger(url)
-    try:
-        assert [r.status for r in ledger.runs(task="slow")] == ["executed"]
-    finally:
-        ledger.close()
+    [event] = recorder.matching(TASK_EXECUTED, "held")
+    assert event.return_value == str(tmp_path / "mark")
+    assert _statuses(url, "held") == ["executed"]
 
 
 async def test_kill_running_ends_a_shutdown_that_waits_for_thread_executor_runs(
@@ -596,19 +577,8 @@ async def test_kill_running_ends_a_shutdown_that_waits_for_thread_executor_runs(
 ) -> None:
     """A thread cannot be stopped, and a shutdown without a time limit waits for the thread
     executor's runs; a second Ctrl-C (``kill_running``) ends that wait."""
-    mark, gate = tmp_path / "mark", tmp_path / "gate"
-    sched = Scheduler(config(fresh_database("sqlite", tmp_path), executor="thread"))
-    sched.add_task(
-        shutdown_tasks.mark_then_wait_for,
-        trigger="date",
-        run_date=datetime.now(UTC),
-        name="stuck",
-        args=(str(mark), str(gate)),
-        mistrigger_grace_time=30,
-    )
-    await sched.start()
+    sched, _, gate = await _thread_run_started(fresh_database("sqlite", tmp_path), tmp_path)
     try:
-        await _eventually(mark.exists, "the run to start in a thread")
         stopping = asyncio.ensure_future(sched.shutdown(timeout=None))
         await _eventually(lambda: sched.asyncz is None, "the shutdown to begin")
         sched.kill_running()
@@ -973,3 +943,30 @@ async def _eventually(predicate: Any, what: str, timeout: float = 30.0) -> Any:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
     return value
+
+
+def _statuses(url: str, task: str) -> list[str]:
+    """The statuses of ``task``'s runs in the ledger at ``url``."""
+    ledger = Ledger(url)
+    try:
+        return [run.status for run in ledger.runs(task=task)]
+    finally:
+        ledger.close()
+
+
+async def _thread_run_started(url: str, tmp_path: Path) -> tuple[Scheduler, Recorder, Path]:
+    """A started scheduler whose thread executor runs task ``held``, which returns the path of
+    its mark once the returned gate exists."""
+    mark, gate = tmp_path / "mark", tmp_path / "gate"
+    sched = Scheduler(config(url, executor="thread", mistrigger_grace_time=30))
+    sched.add_task(
+        shutdown_tasks.mark_then_wait_for,
+        trigger="date",
+        run_date=datetime.now(UTC),
+        name="held",
+        args=(str(mark), str(gate)),
+    )
+    await sched.start()
+    recorder = Recorder().attach(sched)
+    await _eventually(mark.exists, "the run to start in a thread")
+    return sched, recorder, gate
