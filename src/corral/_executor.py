@@ -33,7 +33,14 @@ from corral._pool._pool import Pool
 from corral._pool._settings import PoolSettings
 from corral._pool._stats import PoolStatistics
 from corral._pool._supervisor import WAIT_WARNING, JobFuture
-from corral._runs import Run, RunExecutor, error_event, missed_event, nothing
+from corral._runs import (
+    Run,
+    RunExecutor,
+    cancelled_at_shutdown,
+    error_event,
+    missed_event,
+    nothing,
+)
 
 _WAIT_WARNING_EVERY = 60.0  # seconds between two warnings of one task waiting for a worker
 _WAIT_WARNINGS_AT_MOST = 5  # tasks warned about in one such interval (then a count)
@@ -283,13 +290,9 @@ class _ClaimsFirst:
             assert self.claims is not None
             self.claims.skip(task, run_times, exc, term)
         except RuntimeError:  # its pool shut down while the claim was in flight
+            why = "the executor had shut down while its fire was being claimed"
             for run_time in run_times:
-                cancelled = JobCancelledError(
-                    f"run time {run_time} of task {task.id!r} was cancelled at shutdown before "
-                    f"it started: the executor had shut down while its fire was being claimed",
-                    job_id=None,
-                    started=False,
-                )
+                cancelled = cancelled_at_shutdown(str(task.id), run_time, why)
                 self.claims.dispatch(error_event(task, run_time, cancelled), term)
 
 

@@ -243,12 +243,11 @@ class RunExecutor(BaseExecutor):
         self, run: Run, run_time: datetime, error: BaseException
     ) -> TaskExecutionEvent:
         if isinstance(error, PoolNotRunningError):  # stopped before this run time's turn
-            error = JobCancelledError(
-                f"run time {run_time} of task {run.task_id!r} was cancelled at shutdown before "
-                f"it started: {self.stopped} (shutdown_timeout passed, or kill_running()); "
-                f"allow a longer shutdown_timeout to let it run",
-                job_id=None,
-                started=False,
+            error = cancelled_at_shutdown(
+                run.task_id,
+                run_time,
+                f"{self.stopped} (shutdown_timeout passed, or kill_running()); allow a longer "
+                f"shutdown_timeout to let it run",
             )
         return error_event(run.task, run_time, error)
 
@@ -338,6 +337,16 @@ class RunExecutor(BaseExecutor):
 
 def nothing() -> None:
     pass
+
+
+def cancelled_at_shutdown(task_id: str, run_time: datetime, why: str) -> JobCancelledError:
+    """The outcome of a run time that a shutdown kept from starting, and ``why``."""
+    return JobCancelledError(
+        f"run time {run_time} of task {task_id!r} was cancelled at shutdown before it started: "
+        f"{why}",
+        job_id=None,
+        started=False,
+    )
 
 
 def missed_event(run: Run, run_time: datetime) -> TaskExecutionEvent:
